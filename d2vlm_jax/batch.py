@@ -63,8 +63,9 @@ FPO only (rejected branches, C per pair; same meaning as the chosen fields)
   rejected_event_intervals int32[B, C, K, 2]
   rejected_event_valid    bool[B, C, K]
   rejected_valid_pair     bool[B, C]          False for padding branches
-  conflict_token_mask     bool[B, R]          chosen response tokens inside the conflict
-  conflict_evi_mask       bool[B, M]          chosen evidence queries inside the conflict
+  conflict_token_mask     bool[B, C, R]       chosen response tokens inside the conflict
+                                              with rejected branch c
+  conflict_evi_mask       bool[B, C, M]       chosen evidence queries inside that conflict
   rejected_conflict_token_mask bool[B, C, R]
   rejected_conflict_evi_mask   bool[B, C, M]
 

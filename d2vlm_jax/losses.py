@@ -1,0 +1,165 @@
+"""SFT losses and the FPO loss (SPEC §3.3, §4.1), as pure functions of forward outputs.
+
+Averaging follows the authors' code:
+* ``L_lm``: mean token cross-entropy over the supervised response tokens of the batch.
+* ``L_gnd = w_gnd * BCEWithLogits(s, y)``: mean over the (evidence query, valid frame) pairs
+  of a sample, then averaged over the samples that have evidence.
+* ``L_cons = w_cons * mean|evi(h_ground(k)) - evi(h_answer(k))|``: mean over the pairs'
+  elements of a sample, averaged over the same samples as ``L_gnd``.
+* ``L_FPO = -log sigmoid(beta * margin)``, averaged over the valid (prefix, rejected) pairs;
+  ``beta`` is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from d2vlm_jax.models.d2vlm import ForwardOutputs, branches_from_batch
+
+FPO_REFERENCES = ("none", "lora_disabled", "frozen_params")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 2.0          # soft grounding target base
+    gnd_weight: float = 10.0
+    cons_weight: float = 10.0
+    fpo_beta: float = 0.1
+    fpo_weight: float = 1.0
+    fpo_reference: str = "none"  # reference-free (authors), LoRA disabled, or frozen SFT params
+
+    def __post_init__(self):
+        if self.fpo_reference not in FPO_REFERENCES:
+            raise ValueError(f"loss.fpo_reference must be one of {FPO_REFERENCES}, got {self.fpo_reference!r}")
+
+
+def soft_targets(intervals: jax.Array, num_frames: int, alpha: float) -> jax.Array:
+    """``y[..., t] = alpha ** -dist(t, [s, e])`` (0 inside): int32[..., 2] -> float32[..., N]."""
+    t = jnp.arange(num_frames, dtype=jnp.float32)
+    s = intervals[..., :1].astype(jnp.float32)
+    e = intervals[..., 1:].astype(jnp.float32)
+    dist = jnp.maximum(s - t, 0.0) + jnp.maximum(t - e, 0.0)
+    return jnp.power(jnp.float32(alpha), -dist)
+
+
+def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Elementwise ``BCEWithLogits`` (soft targets), numerically stable."""
+    return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def _safe_div(num, den):
+    return num / jnp.maximum(den, 1.0)
+
+
+def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossConfig):
+    """``L_sft = L_lm + L_gnd + L_cons`` on the chosen branch (index 0). Returns (loss, metrics)."""
+    br = branches_from_batch(batch, with_rejected=False)
+    frame_valid = batch["frame_valid"].astype(bool)
+    n = frame_valid.shape[-1]
+
+    mask = batch["response_loss_mask"].astype(jnp.float32)
+    lm = -_safe_div(jnp.sum(out.token_logp[:, 0] * mask), jnp.sum(mask))
+
+    evi_valid = br.evi_valid[:, 0].astype(bool)                                   # [B, M]
+    intervals = br.evi_intervals[:, 0]                                            # [B, M, 2]
+    scores = out.scores[:, 0]                                                     # [B, M, N]
+    y = soft_targets(intervals, n, cfg.alpha)
+    pair = (evi_valid[:, :, None] & frame_valid[:, None, :]).astype(jnp.float32)
+    bce_per_sample = _safe_div(jnp.sum(bce_with_logits(scores, y) * pair, (1, 2)), jnp.sum(pair, (1, 2)))
+    has_evidence = (jnp.sum(pair, (1, 2)) > 0).astype(jnp.float32)
+    num_with = jnp.sum(has_evidence)
+    gnd = cfg.gnd_weight * _safe_div(jnp.sum(bce_per_sample * has_evidence), num_with)
+
+    # consistency: grounding-stage vs answer-stage evidence query of the same event
+    k = br.event_valid.shape[-1]
+    ev = jax.nn.one_hot(br.evi_event[:, 0], k, dtype=jnp.float32) * evi_valid[..., None]    # [B, M, K]
+    ground = ev * (br.evi_stage[:, 0] == 0)[..., None]
+    answer = ev * (br.evi_stage[:, 0] == 1)[..., None]
+    emb = out.evidence_embeddings[:, 0]                                            # [B, M, D]
+    g = jnp.einsum("bmk,bmd->bkd", ground, emb)
+    a = jnp.einsum("bmk,bmd->bkd", answer, emb)
+    pair_valid = ((ground.sum(1) > 0) & (answer.sum(1) > 0)).astype(jnp.float32)   # [B, K]
+    d = emb.shape[-1]
+    l1_per_sample = _safe_div(jnp.sum(jnp.abs(g - a).sum(-1) * pair_valid, -1), jnp.sum(pair_valid, -1) * d)
+    cons = cfg.cons_weight * _safe_div(jnp.sum(l1_per_sample * has_evidence), num_with)
+
+    # teacher-forced grounding accuracy: argmax frame inside the GT interval
+    masked = jnp.where(frame_valid[:, None, :], scores, -jnp.inf)
+    argmax = jnp.argmax(masked, -1)
+    hit = (argmax >= intervals[..., 0]) & (argmax <= intervals[..., 1])
+    acc = _safe_div(jnp.sum(hit * evi_valid), jnp.sum(evi_valid))
+
+    loss = lm + gnd + cons
+    metrics = {"loss/lm": lm, "loss/gnd": gnd, "loss/cons": cons, "loss/sft": loss,
+               "grounding/accuracy": acc, "count/evidence": jnp.sum(evi_valid),
+               "count/supervised_tokens": jnp.sum(mask)}
+    return loss, metrics
+
+
+def grounding_loglik(scores: jax.Array, intervals: jax.Array, frame_valid: jax.Array, alpha: float) -> jax.Array:
+    """Per-evidence Bernoulli log-likelihood of the soft frame mask (SPEC §4.1).
+
+    ``sum_t log(y p + (1 - y)(1 - p) + 1e-10)`` over valid frames: float32[..., M].
+    scores: float32[B, ..., M, N]; intervals: int32[B, ..., M, 2]; frame_valid: bool[B, N].
+    """
+    y = soft_targets(intervals, scores.shape[-1], alpha)
+    p = jax.nn.sigmoid(scores)
+    ll = jnp.log(y * p + (1.0 - y) * (1.0 - p) + 1e-10)
+    fv = frame_valid.reshape(frame_valid.shape[:1] + (1,) * (scores.ndim - 2) + frame_valid.shape[1:])
+    return jnp.sum(jnp.where(fv, ll, 0.0), -1)
+
+
+def factorized_logps(out: ForwardOutputs, batch: Mapping[str, jax.Array], alpha: float):
+    """``log π`` of chosen and rejected responses over each pair's conflict (SPEC §4.1).
+
+    Returns dict of float32[B, C]: ``chosen_text``, ``chosen_grounding``, ``rejected_text``,
+    ``rejected_grounding`` (C = rejected branches; the chosen terms are restricted to the
+    conflict with each rejected branch).
+    """
+    br = branches_from_batch(batch, with_rejected=True)
+    gll = grounding_loglik(out.scores, br.evi_intervals, batch["frame_valid"], alpha)    # [B, C1, M]
+    gll = gll * br.evi_valid
+    tok = out.token_logp * br.valid                                                      # [B, C1, R]
+    ctm = batch["conflict_token_mask"].astype(jnp.float32)                               # [B, C, R]
+    cem = batch["conflict_evi_mask"].astype(jnp.float32)                                 # [B, C, M]
+    rtm = batch["rejected_conflict_token_mask"].astype(jnp.float32)
+    rem = batch["rejected_conflict_evi_mask"].astype(jnp.float32)
+    return {
+        "chosen_text": jnp.einsum("br,bcr->bc", tok[:, 0], ctm),
+        "chosen_grounding": jnp.einsum("bm,bcm->bc", gll[:, 0], cem),
+        "rejected_text": jnp.sum(tok[:, 1:] * rtm, -1),
+        "rejected_grounding": jnp.sum(gll[:, 1:] * rem, -1),
+    }
+
+
+def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array] | None,
+             pair_valid: jax.Array, beta: float):
+    """DPO-style loss on factorized log-likelihoods. Returns (mean loss, metrics).
+
+    ``reference=None`` is the authors' reference-free form.
+    """
+    pi_w = policy["chosen_text"] + policy["chosen_grounding"]
+    pi_l = policy["rejected_text"] + policy["rejected_grounding"]
+    if reference is not None:
+        pi_w = pi_w - jax.lax.stop_gradient(reference["chosen_text"] + reference["chosen_grounding"])
+        pi_l = pi_l - jax.lax.stop_gradient(reference["rejected_text"] + reference["rejected_grounding"])
+    reward_w, reward_l = beta * pi_w, beta * pi_l
+    margin = reward_w - reward_l
+    losses = -jax.nn.log_sigmoid(margin)
+    valid = pair_valid.astype(jnp.float32)
+    mean = lambda x: _safe_div(jnp.sum(x * valid), jnp.sum(valid))  # noqa: E731
+    metrics = {
+        "loss/fpo": mean(losses),
+        "rewards/chosen": mean(reward_w),
+        "rewards/rejected": mean(reward_l),
+        "rewards/margin": mean(margin),
+        "rewards/accuracy": mean((margin > 0).astype(jnp.float32)),
+        "fpo/text_margin": mean(policy["chosen_text"] - policy["rejected_text"]),
+        "fpo/grounding_margin": mean(policy["chosen_grounding"] - policy["rejected_grounding"]),
+        "count/pairs": jnp.sum(valid),
+    }
+    return mean(losses), metrics
