@@ -8,6 +8,10 @@ Averaging follows the authors' code:
   elements of a sample, averaged over the same samples as ``L_gnd``.
 * ``L_FPO = -log sigmoid(beta * margin)``, averaged over the valid (prefix, rejected) pairs;
   ``beta`` is applied exactly once.
+
+Every average divides by a denominator computed from the batch masks (:func:`normalizers`),
+so every loss and metric is a *sum over samples* divided by a batch constant: micro-batch
+shares computed with the whole batch's normalizers add up exactly to the whole-batch value.
 """
 
 from __future__ import annotations
@@ -55,14 +59,35 @@ def _safe_div(num, den):
     return num / jnp.maximum(den, 1.0)
 
 
-def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossConfig):
-    """``L_sft = L_lm + L_gnd + L_cons`` on the chosen branch (index 0). Returns (loss, metrics)."""
+def normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The denominators of every batch average, from the batch masks alone.
+
+    Passing the normalizers of a whole batch to the losses of its micro-batches makes the
+    accumulated loss and gradient exactly those of the whole batch.
+    """
+    frame_any = batch["frame_valid"].astype(bool).any(-1)
+    has_evidence = batch["evi_valid"].astype(bool).any(-1) & frame_any
+    norm = {"tokens": jnp.sum(batch["response_loss_mask"].astype(jnp.float32)),
+            "samples_with_evidence": jnp.sum(has_evidence.astype(jnp.float32)),
+            "evidence": jnp.sum((batch["evi_valid"].astype(bool) & frame_any[:, None]).astype(jnp.float32))}
+    if "rejected_valid_pair" in batch:
+        norm["pairs"] = jnp.sum(batch["rejected_valid_pair"].astype(jnp.float32))
+    return norm
+
+
+def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossConfig,
+               norm: Mapping[str, jax.Array] | None = None):
+    """``L_sft = L_lm + L_gnd + L_cons`` on the chosen branch (index 0). Returns (loss, metrics).
+
+    ``norm``: the batch's :func:`normalizers` (default: computed from ``batch``).
+    """
+    norm = normalizers(batch) if norm is None else norm
     br = branches_from_batch(batch, with_rejected=False)
     frame_valid = batch["frame_valid"].astype(bool)
     n = frame_valid.shape[-1]
 
     mask = batch["response_loss_mask"].astype(jnp.float32)
-    lm = -_safe_div(jnp.sum(out.token_logp[:, 0] * mask), jnp.sum(mask))
+    lm = -_safe_div(jnp.sum(out.token_logp[:, 0] * mask), norm["tokens"])
 
     evi_valid = br.evi_valid[:, 0].astype(bool)                                   # [B, M]
     intervals = br.evi_intervals[:, 0]                                            # [B, M, 2]
@@ -71,7 +96,7 @@ def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossCon
     pair = (evi_valid[:, :, None] & frame_valid[:, None, :]).astype(jnp.float32)
     bce_per_sample = _safe_div(jnp.sum(bce_with_logits(scores, y) * pair, (1, 2)), jnp.sum(pair, (1, 2)))
     has_evidence = (jnp.sum(pair, (1, 2)) > 0).astype(jnp.float32)
-    num_with = jnp.sum(has_evidence)
+    num_with = norm["samples_with_evidence"]
     gnd = cfg.gnd_weight * _safe_div(jnp.sum(bce_per_sample * has_evidence), num_with)
 
     # consistency: grounding-stage vs answer-stage evidence query of the same event
@@ -91,12 +116,11 @@ def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossCon
     masked = jnp.where(frame_valid[:, None, :], scores, -jnp.inf)
     argmax = jnp.argmax(masked, -1)
     hit = (argmax >= intervals[..., 0]) & (argmax <= intervals[..., 1])
-    acc = _safe_div(jnp.sum(hit * evi_valid), jnp.sum(evi_valid))
+    acc = _safe_div(jnp.sum(hit * evi_valid * frame_valid.any(-1)[:, None]), norm["evidence"])
 
     loss = lm + gnd + cons
     metrics = {"loss/lm": lm, "loss/gnd": gnd, "loss/cons": cons, "loss/sft": loss,
-               "grounding/accuracy": acc, "count/evidence": jnp.sum(evi_valid),
-               "count/supervised_tokens": jnp.sum(mask)}
+               "grounding/accuracy": acc}
     return loss, metrics
 
 
@@ -137,10 +161,11 @@ def factorized_logps(out: ForwardOutputs, batch: Mapping[str, jax.Array], alpha:
 
 
 def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array] | None,
-             pair_valid: jax.Array, beta: float):
+             pair_valid: jax.Array, beta: float, num_pairs: jax.Array | None = None):
     """DPO-style loss on factorized log-likelihoods. Returns (mean loss, metrics).
 
-    ``reference=None`` is the authors' reference-free form.
+    ``reference=None`` is the authors' reference-free form. ``num_pairs``: the batch's
+    number of valid pairs (default: from ``pair_valid``).
     """
     pi_w = policy["chosen_text"] + policy["chosen_grounding"]
     pi_l = policy["rejected_text"] + policy["rejected_grounding"]
@@ -151,7 +176,8 @@ def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]
     margin = reward_w - reward_l
     losses = -jax.nn.log_sigmoid(margin)
     valid = pair_valid.astype(jnp.float32)
-    mean = lambda x: _safe_div(jnp.sum(x * valid), jnp.sum(valid))  # noqa: E731
+    num_pairs = jnp.sum(valid) if num_pairs is None else num_pairs
+    mean = lambda x: _safe_div(jnp.sum(x * valid), num_pairs)  # noqa: E731
     metrics = {
         "loss/fpo": mean(losses),
         "rewards/chosen": mean(reward_w),
@@ -160,6 +186,5 @@ def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]
         "rewards/accuracy": mean((margin > 0).astype(jnp.float32)),
         "fpo/text_margin": mean(policy["chosen_text"] - policy["rejected_text"]),
         "fpo/grounding_margin": mean(policy["chosen_grounding"] - policy["rejected_grounding"]),
-        "count/pairs": jnp.sum(valid),
     }
     return mean(losses), metrics

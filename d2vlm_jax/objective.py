@@ -15,18 +15,21 @@ STAGES = ("sft", "fpo")
 
 def loss_and_metrics(model: D2VLM, params: Mapping, batch: Mapping[str, jax.Array], loss_cfg: losses.LossConfig,
                      *, stage: str = "sft", reference_params: Mapping | None = None,
-                     deterministic: bool = True, rngs: dict | None = None):
+                     deterministic: bool = True, rngs: dict | None = None,
+                     normalizers: Mapping[str, jax.Array] | None = None):
     """Scalar loss and metrics of one batch.
 
     SFT: ``L_lm + L_gnd + L_cons``. FPO: the same on the chosen branch plus
     ``fpo_weight * mean L_FPO`` over the packed rejected branches; the reference is none
     (authors), the same params with LoRA disabled, or ``reference_params`` (frozen SFT).
+    ``normalizers``: denominators of the whole batch when ``batch`` is one micro-batch of it.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     fpo = stage == "fpo"
     out = forward(model, {"params": params}, batch, with_rejected=fpo, deterministic=deterministic, rngs=rngs)
-    loss, metrics = losses.sft_losses(out, batch, loss_cfg)
+    norm = losses.normalizers(batch) if normalizers is None else normalizers
+    loss, metrics = losses.sft_losses(out, batch, loss_cfg, norm)
     if fpo:
         policy = losses.factorized_logps(out, batch, loss_cfg.alpha)
         reference = None
@@ -39,7 +42,8 @@ def loss_and_metrics(model: D2VLM, params: Mapping, batch: Mapping[str, jax.Arra
                 ref_params = reference_params
             ref_out = forward(model, {"params": jax.lax.stop_gradient(ref_params)}, batch, with_rejected=True)
             reference = losses.factorized_logps(ref_out, batch, loss_cfg.alpha)
-        fpo_loss, fpo_metrics = losses.fpo_loss(policy, reference, batch["rejected_valid_pair"], loss_cfg.fpo_beta)
+        fpo_loss, fpo_metrics = losses.fpo_loss(policy, reference, batch["rejected_valid_pair"], loss_cfg.fpo_beta,
+                                                norm["pairs"])
         loss = loss + loss_cfg.fpo_weight * fpo_loss
         metrics.update(fpo_metrics)
     metrics["loss/total"] = loss

@@ -56,13 +56,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 _logged_drops: set[tuple] = set()
 
 
-def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the ``(data, fsdp, tensor)`` mesh. One size may be ``-1`` (fill).
-
-    Args:
-      axis_sizes: sizes per mesh axis, as a mapping with keys ``data``, ``fsdp``,
-        ``tensor`` or a 3-sequence in that order.
-      devices: devices to use (default: all of ``jax.devices()``).
+def resolve_mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes for ``num_devices`` devices; one size may be ``-1`` (fill).
 
     Raises:
       ValueError: naming the sizes and device count when they cannot tile the devices.
@@ -76,8 +71,7 @@ def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices: Sequence[A
         sizes = [int(s) for s in axis_sizes]
         if len(sizes) != len(MESH_AXES):
             raise ValueError(f"mesh: need {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    n = num_devices
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
@@ -94,6 +88,19 @@ def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices: Sequence[A
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
             f"{n} are available")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the ``(data, fsdp, tensor)`` mesh. One size may be ``-1`` (fill).
+
+    Args:
+      axis_sizes: sizes per mesh axis, as a mapping with keys ``data``, ``fsdp``,
+        ``tensor`` or a 3-sequence in that order.
+      devices: devices to use (default: all of ``jax.devices()``).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = list(resolve_mesh_shape(axis_sizes, len(devices)).values())
     try:
         from jax.experimental import mesh_utils
         device_array = mesh_utils.create_device_mesh(sizes, devices=devices)

@@ -1,0 +1,92 @@
+"""Experiment config (ml_collections) -> typed, validated objects.
+
+The experiment files in ``configs/`` return a ``ConfigDict``; everything below turns it into
+the frozen dataclasses the library uses and fails early, naming the field, when something
+cannot work (unknown fields, impossible mesh, batch not divisible by the data axes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from d2vlm_jax import losses, partition, sharding
+from d2vlm_jax.models.compressor import CompressorConfig
+from d2vlm_jax.models.d2vlm import D2VLMConfig
+from d2vlm_jax.models.decoder import DecoderConfig
+from d2vlm_jax.models.qformer import QFormerConfig
+from d2vlm_jax.models.video_encoder import VideoEncoderConfig
+from d2vlm_jax.models.vision import VisionConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _to_dict(x: Any) -> dict:
+    if isinstance(x, ml_collections.ConfigDict):
+        return x.to_dict()
+    return dict(x)
+
+
+def _dataclass_from(cls, values: Mapping[str, Any], where: str, **extra):
+    values = dict(_to_dict(values), **extra)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> D2VLMConfig:
+    """``config.model`` -> :class:`D2VLMConfig`. ``vocab_size`` (from the tokenizer) overrides
+    ``model.llm.vocab_size`` when given."""
+    m = config.model
+    rules = sharding.rules_from_config(config.get("sharding_rules"))
+    llm_values = _to_dict(m.llm)
+    if vocab_size is not None:
+        llm_values["vocab_size"] = int(vocab_size)
+    llm = _dataclass_from(DecoderConfig, llm_values, "config.model.llm", sharding_rules=rules)
+    video = VideoEncoderConfig(
+        vision=_dataclass_from(VisionConfig, m.video.vision, "config.model.video.vision"),
+        qformer=_dataclass_from(QFormerConfig, m.video.qformer, "config.model.video.qformer"),
+        compressor=_dataclass_from(CompressorConfig, m.video.compressor, "config.model.video.compressor"),
+    )
+    top = {k: v for k, v in _to_dict(m).items() if k not in ("llm", "video")}
+    return _dataclass_from(D2VLMConfig, top, "config.model", llm=llm, video=video)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+    return _dataclass_from(losses.LossConfig, config.loss, "config.loss")
+
+
+def trainable_patterns(config: ml_collections.ConfigDict):
+    try:
+        return partition.normalize(config.get("trainable"))
+    except ValueError as e:
+        raise ConfigError(f"config.trainable: {e}") from e
+
+
+def check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int, process_count: int,
+                         batch_size: int, micro_batches: int, where: str) -> dict[str, int]:
+    """Resolves the mesh sizes and checks the batch fits them; returns the mesh sizes."""
+    sizes = _to_dict(config.mesh)
+    try:
+        mesh_sizes = sharding.resolve_mesh_shape(sizes, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh {sizes} is impossible on {num_devices} devices: {e}") from e
+    data_parallel = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    if batch_size % micro_batches:
+        raise ConfigError(f"{where}.batch_size={batch_size} is not divisible by {where}.micro_batches={micro_batches}")
+    micro = batch_size // micro_batches
+    if micro % data_parallel:
+        raise ConfigError(f"{where}: micro-batch of {micro} rows (batch_size {batch_size} / micro_batches "
+                          f"{micro_batches}) is not divisible by the data axes data*fsdp = {data_parallel}")
+    if batch_size % process_count:
+        raise ConfigError(f"{where}.batch_size={batch_size} is not divisible by the {process_count} processes")
+    return mesh_sizes
