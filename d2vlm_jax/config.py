@@ -43,18 +43,27 @@ def _dataclass_from(cls, values: Mapping[str, Any], where: str, **extra):
         raise ConfigError(f"{where}: {e}") from e
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> D2VLMConfig:
-    """``config.model`` -> :class:`D2VLMConfig`. ``vocab_size`` (from the tokenizer) overrides
-    ``model.llm.vocab_size`` when given."""
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None,
+                 qformer_vocab_size: int | None = None) -> D2VLMConfig:
+    """``config.model`` -> :class:`D2VLMConfig`. The tokenizers' vocabulary sizes, when
+    given, override ``model.llm.vocab_size`` / ``model.video.qformer.vocab_size`` if those are 0
+    (and must agree with them otherwise)."""
     m = config.model
     rules = sharding.rules_from_config(config.get("sharding_rules"))
     llm_values = _to_dict(m.llm)
-    if vocab_size is not None:
-        llm_values["vocab_size"] = int(vocab_size)
+    qformer_values = _to_dict(m.video.qformer)
+    for values, size, where in ((llm_values, vocab_size, "config.model.llm.vocab_size"),
+                                (qformer_values, qformer_vocab_size, "config.model.video.qformer.vocab_size")):
+        if size is None:
+            continue
+        if not values.get("vocab_size"):
+            values["vocab_size"] = int(size)
+        elif int(values["vocab_size"]) < int(size):
+            raise ConfigError(f"{where}={values['vocab_size']} is smaller than the tokenizer's {size} tokens")
     llm = _dataclass_from(DecoderConfig, llm_values, "config.model.llm", sharding_rules=rules)
     video = VideoEncoderConfig(
         vision=_dataclass_from(VisionConfig, m.video.vision, "config.model.video.vision"),
-        qformer=_dataclass_from(QFormerConfig, m.video.qformer, "config.model.video.qformer"),
+        qformer=_dataclass_from(QFormerConfig, qformer_values, "config.model.video.qformer"),
         compressor=_dataclass_from(CompressorConfig, m.video.compressor, "config.model.video.compressor"),
     )
     top = {k: v for k, v in _to_dict(m).items() if k not in ("llm", "video")}

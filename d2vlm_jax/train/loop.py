@@ -1,0 +1,344 @@
+"""The training driver: stages (SFT, then optionally FPO), each resumable, on a device mesh.
+
+``run(config, workdir)`` trains the stages listed in ``config.stages`` in order, each in
+``workdir/<stage>``; a finished stage leaves ``DONE.json`` and its exported params, which the
+next stage starts from. Every process of a multi-host job runs the same code; process 0
+writes logs, TensorBoard scalars and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from d2vlm_jax import batch as batch_lib
+from d2vlm_jax import config as cfg_lib
+from d2vlm_jax import partition, sharding
+from d2vlm_jax.data import pipeline
+from d2vlm_jax.models.d2vlm import D2VLM, D2VLMConfig, init_variables
+from d2vlm_jax.testing import random_batch
+from d2vlm_jax.train import checkpoint as ckpt_lib
+from d2vlm_jax.train import evaluation
+from d2vlm_jax.train import optimizer as optim_lib
+from d2vlm_jax.train.step import TrainState, init_state, make_train_step
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, bad init checkpoint, ...)."""
+
+
+# ------------------------------------------------------------------------------ params
+
+
+def init_params(model_cfg: D2VLMConfig, seed: int) -> dict:
+    """Fresh parameters (plain arrays) from a seed."""
+    example = random_batch(model_cfg, seed=0, batch=1, frames=2, qformer_len=2, prefix=8, response=6, evidence=2,
+                           events=1, question_evidence=1)
+    return sharding.unbox(init_variables(model_cfg, jax.random.key(seed), example))["params"]
+
+
+def abstract_boxed_variables(model_cfg: D2VLMConfig):
+    example = random_batch(model_cfg, seed=0, batch=1, frames=2, qformer_len=2, prefix=8, response=6, evidence=2,
+                           events=1, question_evidence=1)
+    return jax.eval_shape(lambda: init_variables(model_cfg, jax.random.key(0), example))
+
+
+def load_init_params(path: str, fresh: Mapping) -> dict:
+    """Params from an Orbax params checkpoint (a previous stage's export or an imported
+    release), checked against the model: every leaf must exist with the same shape. Leaves
+    the checkpoint lacks (e.g. fresh LoRA adapters) keep their fresh values, and are listed."""
+    loaded = ckpt_lib.load_params(path)
+    want = traverse_util.flatten_dict(dict(fresh), sep="/")
+    got = traverse_util.flatten_dict(dict(loaded), sep="/")
+    problems = []
+    for k, v in got.items():
+        if k not in want:
+            problems.append(f"unexpected parameter {k} {tuple(np.shape(v))} (not in the model)")
+        elif tuple(np.shape(v)) != tuple(want[k].shape):
+            problems.append(f"shape mismatch for {k}: checkpoint {tuple(np.shape(v))} vs model {tuple(want[k].shape)}")
+    if problems:
+        raise TrainingError(f"init checkpoint {path} does not fit the model:\n  " + "\n  ".join(problems))
+    missing = sorted(set(want) - set(got))
+    if missing:
+        logger.warning("init checkpoint %s lacks %d parameters; they keep their fresh init: %s%s", path,
+                       len(missing), missing[:8], " ..." if len(missing) > 8 else "")
+    want.update({k: np.asarray(v) for k, v in got.items()})
+    return traverse_util.unflatten_dict(want, sep="/")
+
+
+def state_shardings(state_abstract: TrainState, param_shardings: Mapping, mesh) -> Any:
+    """Shardings of the train state: optimizer leaves mirroring a parameter take its sharding
+    (matched by the trailing dict-key path); everything else is replicated."""
+    flat = traverse_util.flatten_dict(dict(param_shardings), sep="/")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def one(path, leaf):
+        keys = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+        for i in range(len(keys)):
+            cand = "/".join(keys[i:])
+            if cand in flat and getattr(leaf, "ndim", 0) > 0:
+                return flat[cand]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state_abstract)
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+class MetricsLog:
+    """Progress line + TensorBoard + metrics.jsonl (process 0 only)."""
+
+    def __init__(self, stage_dir: str, stage: str, total_steps: int, enabled: bool):
+        self.stage, self.total, self.enabled = stage, total_steps, enabled
+        self.jsonl = None
+        self.tb = None
+        if enabled:
+            os.makedirs(stage_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+            except Exception as e:  # noqa: BLE001
+                logger.warning("tensorboardX unavailable (%s); TensorBoard scalars are not written", e)
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "split": prefix, "step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+            self.tb.flush()
+
+    def progress(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float], eta_s: float) -> None:
+        if not self.enabled:
+            return
+        keys = [("loss/total", "loss"), ("loss/lm", "lm"), ("loss/gnd", "gnd"), ("loss/cons", "cons"),
+                ("loss/fpo", "fpo"), ("rewards/accuracy", "rew_acc"), ("grounding/accuracy", "gnd_acc"),
+                ("lr/base", "lr")]
+        parts = [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics]
+        line = (f"[{self.stage}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) " + " ".join(parts)
+                + f" | {rates['steps']:.2f} step/s {rates['tokens']:.0f} tok/s {rates['frames']:.0f} frm/s"
+                + f" | ETA {format_seconds(eta_s)}")
+        print(line, flush=True)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def format_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ a stage
+
+
+def device_batch(host_batch: Mapping[str, np.ndarray], mesh, rules, keys) -> dict:
+    return sharding.host_batch_to_global({k: host_batch[k] for k in keys}, mesh, rules)
+
+
+def stage_data_config(config: ml_collections.ConfigDict, stage_cfg: ml_collections.ConfigDict):
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    for k, v in stage_cfg.get("data", ml_collections.ConfigDict()).items():
+        data[k] = v
+    return data
+
+
+def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, model_cfg: D2VLMConfig,
+                tokenizers, init_from: str | None) -> dict:
+    """Trains one stage to completion (resuming if it has checkpoints); returns final metrics."""
+    stage_cfg = config[stage]
+    stage_dir = os.path.join(workdir, stage)
+    is_main = jax.process_index() == 0
+    pcount = jax.process_count()
+    mesh_sizes = cfg_lib.check_mesh_and_batch(config, jax.device_count(), pcount, stage_cfg.batch_size,
+                                              stage_cfg.micro_batches, f"config.{stage}")
+    mesh = sharding.make_mesh(mesh_sizes)
+    rules = model_cfg.llm.sharding_rules
+    loss_cfg = cfg_lib.loss_config(config)
+    patterns = cfg_lib.trainable_patterns(config)
+    model = D2VLM(model_cfg)
+    data_cfg = stage_data_config(config, stage_cfg)
+    tokenizer, qformer_tokenizer = tokenizers
+
+    # parameters and their shardings (from eval_shape, nothing allocated on one device first)
+    boxed = abstract_boxed_variables(model_cfg)
+    param_sh = sharding.shardings_for(boxed, mesh, rules)["params"]
+    t_sh, f_sh = partition.split(param_sh, patterns)
+    counts = partition.summary(sharding.unbox(boxed)["params"], patterns)
+    if is_main:
+        logger.info("[%s] parameters: %s trainable, %s frozen; mesh %s", stage, f"{counts['trainable']:,}",
+                    f"{counts['frozen']:,}", mesh_sizes)
+
+    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, stage_cfg.steps)
+    abstract_trainable = partition.split(sharding.unbox(boxed)["params"], patterns)[0]
+    state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), abstract_trainable)
+    state_sh = state_shardings(state_abstract, t_sh, mesh)
+
+    mngr = ckpt_lib.manager(stage_dir, max_to_keep=config.checkpoint.max_to_keep,
+                            save_every=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+    data_iter = pipeline.make_train_iterator(
+        data_cfg, stage=stage, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+        batch_size_per_host=stage_cfg.batch_size // pcount, process_index=jax.process_index(),
+        process_count=pcount, seed=config.seed)
+
+    frozen_dir = os.path.join(stage_dir, "frozen")
+    with jax.set_mesh(mesh):
+        if mngr.latest_step() is not None:
+            frozen = ckpt_lib.load_params(frozen_dir, ckpt_lib.abstract_like(
+                partition.split(sharding.unbox(boxed)["params"], patterns)[1], f_sh))
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    state_abstract, state_sh)
+            state, start = ckpt_lib.restore(mngr, abstract, data_iter)
+            if is_main:
+                print(f"[{stage}] resumed from step {start} ({stage_dir}/checkpoints)", flush=True)
+        else:
+            fresh = init_params(model_cfg, config.seed)
+            params = load_init_params(init_from, fresh) if init_from else fresh
+            trainable, frozen = partition.split(params, patterns)
+            frozen = jax.device_put(frozen, f_sh)
+            ckpt_lib.save_params(frozen_dir, frozen)
+            state = jax.jit(lambda t: init_state(t, tx, jax.random.key(config.seed + 1)),
+                            out_shardings=state_sh)(jax.device_put(trainable, t_sh))
+            start = 0
+        reference = None
+        if loss_cfg.fpo_reference == "frozen_params" and stage == "fpo":
+            if not init_from:
+                raise TrainingError("loss.fpo_reference='frozen_params' needs an init checkpoint (the SFT params)")
+            reference = jax.device_put(load_init_params(init_from, init_params(model_cfg, config.seed)), param_sh)
+
+        step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
+                                  dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
+        keys = batch_lib.FPO_KEYS if stage == "fpo" else batch_lib.SFT_KEYS
+        jit_step = jax.jit(step_fn, in_shardings=(state_sh, f_sh, None, None if reference is None else param_sh),
+                           out_shardings=(state_sh, None), donate_argnums=0)
+
+        log = MetricsLog(stage_dir, stage, stage_cfg.steps, is_main)
+        examples_log = None
+        if config.get("log_example_ids"):  # which samples each step consumed (resume checks)
+            examples_log = open(os.path.join(stage_dir, f"examples.process_{jax.process_index()}.jsonl"), "a")
+        t_last, step_last = time.time(), start
+        tokens_acc = frames_acc = 0.0
+        metrics_acc: dict[str, float] = {}
+        n_acc = 0
+        last_metrics: dict[str, float] = {}
+        try:
+            for step in range(start, stage_cfg.steps):
+                host = next(data_iter)
+                tokens_acc += float(host["prefix_valid"].sum() + host["response_valid"].sum()) * pcount
+                frames_acc += float(host["frame_valid"].sum()) * pcount
+                if examples_log is not None:
+                    examples_log.write(json.dumps({"step": step + 1, "example_id": host["example_id"].tolist()}) + "\n")
+                    examples_log.flush()
+                state, metrics = jit_step(state, frozen, device_batch(host, mesh, rules, keys), reference)
+                metrics = jax.device_get(metrics)
+                if not metrics["finite"]:
+                    mngr.wait_until_finished()
+                    raise TrainingError(
+                        f"[{stage}] non-finite loss or gradient at step {step + 1} (loss {metrics['loss/total']}, "
+                        f"grad norm {metrics['grad_norm']}); the update was skipped and the latest checkpoint "
+                        f"(step {mngr.latest_step()}) is the last good state. Lower the learning rate or check the data.")
+                for k, v in metrics.items():
+                    metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v)
+                n_acc += 1
+                done = step + 1
+                ckpt_lib.save(mngr, done, state, data_iter, force=done == stage_cfg.steps)
+                if done % config.log_every == 0 or done == stage_cfg.steps:
+                    now = time.time()
+                    dt = max(now - t_last, 1e-9)
+                    rates = {"steps": (done - step_last) / dt, "tokens": tokens_acc / dt, "frames": frames_acc / dt}
+                    last_metrics = {k: v / n_acc for k, v in metrics_acc.items()}
+                    log.write(done, {**last_metrics, **{f"rate/{k}": v for k, v in rates.items()}})
+                    log.progress(done, last_metrics, rates, (stage_cfg.steps - done) / max(rates["steps"], 1e-9))
+                    t_last, step_last, tokens_acc, frames_acc, metrics_acc, n_acc = now, done, 0.0, 0.0, {}, 0
+                if config.eval_every and done % config.eval_every == 0 and done < stage_cfg.steps:
+                    eval_metrics = evaluation.evaluate(config, model, partition.merge(state.params, frozen), stage,
+                                                       tokenizers, mesh, max_batches=config.eval_batches_during_train)
+                    log.write(done, eval_metrics, prefix="eval")
+                    if is_main:
+                        print(f"[{stage}] eval @ {done}: " + evaluation.format_metrics(eval_metrics), flush=True)
+            mngr.wait_until_finished()
+            params = partition.merge(state.params, frozen)
+            export_dir = os.path.join(stage_dir, "export", "params")
+            ckpt_lib.save_params(export_dir, params)
+            final = {"stage": stage, "steps": stage_cfg.steps, "export": export_dir,
+                     "train": {k: float(v) for k, v in last_metrics.items()},
+                     "pipeline": data_iter.stats.summary() if hasattr(data_iter, "stats") else ""}
+            if is_main:
+                with open(os.path.join(stage_dir, "DONE.json"), "w") as f:
+                    json.dump(final, f, indent=2)
+            return final
+        finally:
+            log.close()
+            if examples_log is not None:
+                examples_log.close()
+            mngr.close()
+            if hasattr(data_iter, "close"):
+                data_iter.close()
+
+
+def export_dir_of(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage, "export", "params")
+
+
+def stage_done(workdir: str, stage: str) -> bool:
+    return os.path.exists(os.path.join(workdir, stage, "DONE.json"))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every stage of ``config.stages`` (skipping finished ones) and the final evaluation."""
+    os.makedirs(workdir, exist_ok=True)
+    if config.get("synthetic") and config.synthetic.generate:
+        from d2vlm_jax.data import synthetic_setup
+        synthetic_setup.ensure_synthetic_data(config)
+    tokenizers = pipeline.load_tokenizers(config.data)
+    model_cfg = cfg_lib.model_config(config, vocab_size=tokenizers[0].vocab_size,
+                                     qformer_vocab_size=tokenizers[1].vocab_size)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    results = {}
+    previous = config.get("init_checkpoint") or None
+    for stage in config.stages:
+        if stage not in ("sft", "fpo"):
+            raise cfg_lib.ConfigError(f"config.stages: unknown stage {stage!r} (use 'sft' and/or 'fpo')")
+        init_from = config[stage].get("init_checkpoint") or previous
+        if stage_done(workdir, stage):
+            with open(os.path.join(workdir, stage, "DONE.json")) as f:
+                results[stage] = json.load(f)
+            if jax.process_index() == 0:
+                print(f"[{stage}] already done ({workdir}/{stage}/DONE.json)", flush=True)
+        else:
+            results[stage] = train_stage(config, stage, workdir, model_cfg, tokenizers, init_from)
+        previous = export_dir_of(workdir, stage)
+    if config.get("final_eval", True):
+        model = D2VLM(model_cfg)
+        mesh = sharding.make_mesh(dict(config.mesh))
+        params = ckpt_lib.load_params(previous)
+        with jax.set_mesh(mesh):
+            params = jax.device_put(params, sharding.shardings_for(abstract_boxed_variables(model_cfg), mesh,
+                                                                   model_cfg.llm.sharding_rules)["params"])
+            table = evaluation.final_report(config, model, params, tokenizers, mesh, workdir)
+        results["eval"] = table
+    return results
+
