@@ -48,13 +48,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.shape_policy = "max"
     d.read_threads = 2
 
-    c.sft = ml_collections.ConfigDict(dict(steps=600, batch_size=8, micro_batches=1,
+    c.sft = ml_collections.ConfigDict(dict(steps=1500, batch_size=8, micro_batches=1,
                                            optim=common.optim(lr=1e-3, lora_lr=1e-3, warmup_ratio=0.03)))
-    c.fpo = ml_collections.ConfigDict(dict(steps=60, batch_size=8, micro_batches=1,
+    c.fpo = ml_collections.ConfigDict(dict(steps=100, batch_size=8, micro_batches=1,
                                            optim=common.optim(lr=2e-4, lora_lr=2e-4, warmup_ratio=0.03),
                                            data=dict(train_annotations="data/synthetic/train_preferences.json")))
-    c.checkpoint.every_steps = 100
-    c.log_every = 25
+    c.checkpoint.every_steps = 250
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches_during_train = 2
     c.eval_batch_size = 16
     c.eval_max_new_tokens = 48
     if arg == "smoke":  # a seconds-long end-to-end run for tests
@@ -63,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sft.batch_size = c.fpo.batch_size = 4
         c.checkpoint.every_steps = 2
         c.log_every = 1
+        c.eval_every = 0
         c.eval_batch_size = 4
         c.eval_max_new_tokens = 12
     return c

@@ -273,7 +273,12 @@ def forward(model: D2VLM, variables, batch: Mapping[str, jax.Array], *, with_rej
     else:  # the authors' two passes
         pre = apply(inputs_embeds=prefix_emb, positions=p_positions, layout=p_layout,
                     output_hidden_layers=(c.k_evi,), compute_logits=False, **llm_kw)
-        frame_states = gather_slots(pre.hidden_states[c.k_evi], batch["frame_positions"])
+        # The authors' first pass runs the whole LLM forward (autograd then only goes back
+        # through layers <= k_evi); without the barrier XLA would drop the forward of the
+        # later layers (unused) and the baseline would not be their algorithm.
+        hidden_k, _ = jax.lax.optimization_barrier(
+            (pre.hidden_states[c.k_evi], jax.lax.stop_gradient(pre.final_hidden)))
+        frame_states = gather_slots(hidden_k, batch["frame_positions"])
         full_emb = jnp.concatenate([prefix_emb, response_embeds(frame_states).astype(prefix_emb.dtype)], 1)
         out = apply(inputs_embeds=full_emb, positions=jnp.concatenate([p_positions, r_positions], 1),
                     layout=full_layout, output_hidden_layers=(L - 1,), compute_logits=False, **llm_kw)

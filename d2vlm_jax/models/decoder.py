@@ -91,21 +91,29 @@ class DecoderConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: float[L, B, S, Hkv, D] each."""
-    k: jax.Array
-    v: jax.Array
+    """Keys and values per layer: tuples of L arrays float[B, S, Hkv, D].
+
+    Per-layer buffers (not one stacked [L, ...] array) let XLA update each layer's slots in
+    place, e.g. inside the decoding ``while_loop``, instead of re-stacking the whole cache.
+    """
+    k: tuple
+    v: tuple
 
     @staticmethod
     def zeros(config: DecoderConfig, batch: int, num_slots: int, dtype=None) -> "KVCache":
-        shape = (config.num_layers, batch, num_slots, config.num_kv_heads, config.dim_per_head)
+        shape = (batch, num_slots, config.num_kv_heads, config.dim_per_head)
         dtype = dtype or dtype_from_name(config.dtype)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                       tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[1]
 
     def pad_to(self, num_slots: int) -> "KVCache":
         """Extends the slot axis with empty slots (to run more tokens against a prefix)."""
-        extra = num_slots - self.k.shape[2]
-        widths = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
-        return KVCache(jnp.pad(self.k, widths), jnp.pad(self.v, widths))
+        widths = [(0, 0), (0, num_slots - self.num_slots), (0, 0), (0, 0)]
+        return KVCache(tuple(jnp.pad(k, widths) for k in self.k), tuple(jnp.pad(v, widths) for v in self.v))
 
 
 class DecoderOutput(NamedTuple):
@@ -266,7 +274,7 @@ class Decoder(nn.Module):
             if i + 1 in wanted:
                 hidden[i + 1] = x
         final = self.norm(x)
-        new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
         return DecoderOutput(self.logits(final) if compute_logits else None, hidden, new_cache, final)
 
 

@@ -79,7 +79,7 @@ def evaluate(config: ml_collections.ConfigDict, model: D2VLM, params: Any, stage
         for k, w in _WEIGHT.items():
             sums[k] = sums.get(k, 0.0) + float(metrics[k]) * float(norm[w])
             dens[k] = dens.get(k, 0.0) + float(norm[w])
-        rows = decode_lib.unbatch(gen_fn({"params": params}, dev))
+        rows = decode_lib.unbatch(gen_fn({"params": params}, dev), tokenizer.evi_id)
         for r, row in enumerate(rows):
             example_id = int(host["example_id"][r])
             if example_id < 0:

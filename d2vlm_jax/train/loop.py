@@ -164,11 +164,24 @@ def stage_data_config(config: ml_collections.ConfigDict, stage_cfg: ml_collectio
     return data
 
 
+def resolve_steps(stage_cfg: ml_collections.ConfigDict, data_cfg, stage: str) -> int:
+    """``<stage>.steps``, or (when 0) ``epochs`` passes over the training annotations."""
+    if stage_cfg.steps > 0:
+        return int(stage_cfg.steps)
+    epochs = stage_cfg.get("epochs", 0)
+    if not epochs or epochs <= 0:
+        raise cfg_lib.ConfigError(f"config.{stage}: set steps > 0 or epochs > 0")
+    samples, _, _ = pipeline.read_annotations(data_cfg.train_annotations)
+    return max(1, math.ceil(len(samples) * epochs / stage_cfg.batch_size))
+
+
 def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, model_cfg: D2VLMConfig,
                 tokenizers, init_from: str | None) -> dict:
     """Trains one stage to completion (resuming if it has checkpoints); returns final metrics."""
     stage_cfg = config[stage]
     stage_dir = os.path.join(workdir, stage)
+    data_cfg = stage_data_config(config, stage_cfg)
+    total_steps = resolve_steps(stage_cfg, data_cfg, stage)
     is_main = jax.process_index() == 0
     pcount = jax.process_count()
     mesh_sizes = cfg_lib.check_mesh_and_batch(config, jax.device_count(), pcount, stage_cfg.batch_size,
@@ -178,7 +191,6 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
     loss_cfg = cfg_lib.loss_config(config)
     patterns = cfg_lib.trainable_patterns(config)
     model = D2VLM(model_cfg)
-    data_cfg = stage_data_config(config, stage_cfg)
     tokenizer, qformer_tokenizer = tokenizers
 
     # parameters and their shardings (from eval_shape, nothing allocated on one device first)
@@ -190,7 +202,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
         logger.info("[%s] parameters: %s trainable, %s frozen; mesh %s", stage, f"{counts['trainable']:,}",
                     f"{counts['frozen']:,}", mesh_sizes)
 
-    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, stage_cfg.steps)
+    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, total_steps)
     abstract_trainable = partition.split(sharding.unbox(boxed)["params"], patterns)[0]
     state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), abstract_trainable)
     state_sh = state_shardings(state_abstract, t_sh, mesh)
@@ -233,7 +245,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
         jit_step = jax.jit(step_fn, in_shardings=(state_sh, f_sh, None, None if reference is None else param_sh),
                            out_shardings=(state_sh, None), donate_argnums=0)
 
-        log = MetricsLog(stage_dir, stage, stage_cfg.steps, is_main)
+        log = MetricsLog(stage_dir, stage, total_steps, is_main)
         examples_log = None
         if config.get("log_example_ids"):  # which samples each step consumed (resume checks)
             examples_log = open(os.path.join(stage_dir, f"examples.process_{jax.process_index()}.jsonl"), "a")
@@ -243,7 +255,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
         n_acc = 0
         last_metrics: dict[str, float] = {}
         try:
-            for step in range(start, stage_cfg.steps):
+            for step in range(start, total_steps):
                 host = next(data_iter)
                 tokens_acc += float(host["prefix_valid"].sum() + host["response_valid"].sum()) * pcount
                 frames_acc += float(host["frame_valid"].sum()) * pcount
@@ -262,16 +274,16 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                     metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v)
                 n_acc += 1
                 done = step + 1
-                ckpt_lib.save(mngr, done, state, data_iter, force=done == stage_cfg.steps)
-                if done % config.log_every == 0 or done == stage_cfg.steps:
+                ckpt_lib.save(mngr, done, state, data_iter, force=done == total_steps)
+                if done % config.log_every == 0 or done == total_steps:
                     now = time.time()
                     dt = max(now - t_last, 1e-9)
                     rates = {"steps": (done - step_last) / dt, "tokens": tokens_acc / dt, "frames": frames_acc / dt}
                     last_metrics = {k: v / n_acc for k, v in metrics_acc.items()}
                     log.write(done, {**last_metrics, **{f"rate/{k}": v for k, v in rates.items()}})
-                    log.progress(done, last_metrics, rates, (stage_cfg.steps - done) / max(rates["steps"], 1e-9))
+                    log.progress(done, last_metrics, rates, (total_steps - done) / max(rates["steps"], 1e-9))
                     t_last, step_last, tokens_acc, frames_acc, metrics_acc, n_acc = now, done, 0.0, 0.0, {}, 0
-                if config.eval_every and done % config.eval_every == 0 and done < stage_cfg.steps:
+                if config.eval_every and done % config.eval_every == 0 and done < total_steps:
                     eval_metrics = evaluation.evaluate(config, model, partition.merge(state.params, frozen), stage,
                                                        tokenizers, mesh, max_batches=config.eval_batches_during_train)
                     log.write(done, eval_metrics, prefix="eval")
@@ -281,7 +293,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
             params = partition.merge(state.params, frozen)
             export_dir = os.path.join(stage_dir, "export", "params")
             ckpt_lib.save_params(export_dir, params)
-            final = {"stage": stage, "steps": stage_cfg.steps, "export": export_dir,
+            final = {"stage": stage, "steps": total_steps, "export": export_dir,
                      "train": {k: float(v) for k, v in last_metrics.items()},
                      "pipeline": data_iter.stats.summary() if hasattr(data_iter, "stats") else ""}
             if is_main:

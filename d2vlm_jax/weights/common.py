@@ -1,8 +1,10 @@
-"""Reading safetensors checkpoints and mapping their tensors onto Flax parameter trees.
+"""Reading/writing safetensors checkpoints and mapping their tensors onto Flax parameter trees.
 
 Only safetensors is read: nothing is ever unpickled. A checkpoint is a directory (one or
 more ``*.safetensors`` files, optionally with a ``*.safetensors.index.json``) or a single
-file. Tensors are read lazily, one at a time.
+file. Tensors are read lazily, one at a time, straight from the file into one numpy buffer
+(no memory map, no second copy), so reading a checkpoint needs about one tensor of memory.
+Every safetensors dtype is supported, BF16 and FP8 included (as ``ml_dtypes`` numpy dtypes).
 
 A *mapping* is a list of :class:`Rule` (flax path, source key, transform). The same table
 serves import (source -> flax) and export (flax -> source), so the two cannot drift.
@@ -14,11 +16,26 @@ import dataclasses
 import glob
 import json
 import os
+import struct
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# safetensors dtype tag <-> numpy dtype (little-endian on disk).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_TAG_OF_DTYPE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+_MAX_HEADER_BYTES = 100 << 20
 
 
 class CheckpointError(ValueError):
@@ -29,12 +46,55 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return np.asarray(tensor)
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file."""
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int   # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses a safetensors header: ``({key: TensorInfo}, metadata)``. Validates dtypes and
+    byte ranges, naming the file and key of anything malformed."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, out = 8 + n, {}
+    for key, entry in header.items():
+        tag = entry.get("dtype")
+        if tag not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {tag!r}")
+        dtype, shape = SAFETENSORS_DTYPES[tag], tuple(int(s) for s in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} ({tag} {shape}) has bad byte range [{begin}, {end})")
+        out[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    return out, metadata
+
+
 class SafetensorsReader(Mapping[str, np.ndarray]):
-    """Lazy ``key -> np.ndarray`` view over one file or a directory of safetensors files."""
+    """Lazy ``key -> np.ndarray`` view over one file or a directory of safetensors files.
+
+    ``reader[key]`` reads that one tensor from disk into a fresh numpy array (BF16 as
+    ``ml_dtypes.bfloat16``); :meth:`shape` and :meth:`dtype` answer from the header alone.
+    A directory with a ``*.safetensors.index.json`` reads the files its ``weight_map`` names
+    (and checks that every key sits where the index says).
+    """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open  # local import: optional at module import time
-
         path = os.fspath(path)
         if path.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(
@@ -52,24 +112,91 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
         else:
             raise CheckpointError(f"{path}: no such checkpoint file or directory")
         self.path = path
-        self._handles = {f: safe_open(f, framework="numpy") for f in files}
-        self._where: dict[str, str] = {}
-        for f, h in self._handles.items():
-            for key in h.keys():
-                if key in self._where:
-                    raise CheckpointError(f"{path}: key {key!r} appears in both {self._where[key]} and {f}")
-                self._where[key] = f
+        self.files = files
+        self.metadata: dict[str, dict[str, str]] = {}
+        self._info: dict[str, TensorInfo] = {}
+        for f in files:
+            infos, self.metadata[f] = read_safetensors_header(f)
+            for key, info in infos.items():
+                if key in self._info:
+                    raise CheckpointError(f"{path}: key {key!r} appears in both {self._info[key].file} and {f}")
+                self._info[key] = info
+        if os.path.isdir(path):
+            self._check_index()
+
+    def _check_index(self) -> None:
+        for index in glob.glob(os.path.join(self.path, "*.safetensors.index.json")):
+            weight_map = read_json(index).get("weight_map", {})
+            missing = sorted(k for k in weight_map if k not in self._info)
+            if missing:
+                raise CheckpointError(f"{index}: {len(missing)} key(s) of the index are in no shard, "
+                                      f"e.g. {missing[:3]}")
+            moved = [k for k, f in weight_map.items() if os.path.basename(self._info[k].file) != f]
+            if moved:
+                raise CheckpointError(f"{index}: key {moved[0]!r} is in {self._info[moved[0]].file}, "
+                                      f"the index says {weight_map[moved[0]]}")
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._info[key].dtype
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._where:
-            raise KeyError(key)
-        return self._handles[self._where[key]].get_tensor(key)
+        info = self._info[key]  # KeyError for unknown keys
+        out = np.empty(info.shape, info.dtype)
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+            got = f.readinto(view) if out.size else 0
+        if got != info.end - info.begin:
+            raise CheckpointError(f"{info.file}: tensor {key!r} is truncated ({got} of {info.end - info.begin} bytes)")
+        return out
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._info
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._info)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._info)
+
+
+def source_shape(source: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """Shape of ``source[key]``, from the header when the source can tell without reading."""
+    shape = getattr(source, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(np.shape(source[key]))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> int:
+    """Writes ``tensors`` (any dtype of :data:`SAFETENSORS_DTYPES`, BF16 included) as one
+    safetensors file, tensor by tensor (no concatenated copy). Returns the bytes written."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, arrays = 0, []
+    for key in sorted(tensors):
+        a = np.asarray(tensors[key])
+        dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        tag = _TAG_OF_DTYPE.get(np.dtype(dtype))
+        if tag is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {a.dtype} that safetensors cannot store")
+        a = np.ascontiguousarray(a, dtype)
+        header[key] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            if a.size:
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    return 8 + len(blob) + offset
 
 
 def identity(x: np.ndarray) -> np.ndarray:
@@ -121,21 +248,37 @@ def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...]
     return out
 
 
+def _is_numeric_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype in (np.dtype(ml_dtypes.bfloat16),
+                                                         np.dtype(ml_dtypes.float8_e4m3fn),
+                                                         np.dtype(ml_dtypes.float8_e5m2))
+
+
 def load_with_rules(source: Mapping[str, np.ndarray], rules: Iterable[Rule], target_shapes: Mapping,
                     *, dtype: Any = np.float32, place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
                     ignore_unused: Callable[[str], bool] = lambda key: False) -> tuple[dict, list[str]]:
     """Builds a param tree from ``source`` following ``rules``, one tensor at a time.
 
+    Each tensor is read, converted, cast and (optionally) placed before the next is read,
+    so besides the output tree only about one tensor is held at a time.
+
     Args:
       source: key -> array (e.g. a :class:`SafetensorsReader`).
       rules: the mapping table.
       target_shapes: the model's (abstract) param tree; every leaf must be covered by a rule.
+      dtype: dtype of the output leaves (float checkpoints only: an integer/bool tensor where
+        the model wants floats is reported as a dtype mismatch).
       place: optional ``(flax_path, array) -> array`` (e.g. ``jax.device_put`` with the
-        leaf's sharding) applied to each converted tensor as it is produced.
+        leaf's sharding, see :func:`sharded_placer`) applied to each converted tensor as it
+        is produced.
       ignore_unused: keys the caller knows are not part of the model (listed, not errors).
+        Evaluated after all rules ran.
     Returns:
-      (params, ignored_keys). Raises :class:`CheckpointError` naming every missing key,
-      unexpected key and shape mismatch (key, checkpoint shape, model shape).
+      (params, ignored_keys). A leaf that needed no conversion or cast may share memory with
+      the array the source returned (a :class:`SafetensorsReader` returns fresh arrays).
+      Raises :class:`CheckpointError` naming every missing key,
+      unexpected key, dtype mismatch and shape mismatch (key, checkpoint shape as stored,
+      shape after conversion, model path and shape).
     """
     rules = list(rules)
     targets = flatten(target_shapes)
@@ -145,28 +288,53 @@ def load_with_rules(source: Mapping[str, np.ndarray], rules: Iterable[Rule], tar
         if path not in covered:
             problems.append(f"model parameter {'/'.join(path)} has no rule in the mapping")
     for rule in rules:
+        name = "/".join(rule.flax_path)
         if rule.flax_path not in targets:
-            problems.append(f"mapping rule targets unknown model parameter {'/'.join(rule.flax_path)}")
+            problems.append(f"mapping rule targets unknown model parameter {name}")
             continue
         want = tuple(targets[rule.flax_path].shape)
         if rule.source_key not in source:
-            problems.append(f"missing key {rule.source_key!r} (model {'/'.join(rule.flax_path)}, shape {want})")
+            problems.append(f"missing key {rule.source_key!r} (model {name}, shape {want})")
             continue
         used.add(rule.source_key)
-        value = rule.to_flax(_to_numpy(source[rule.source_key]))
-        if tuple(value.shape) != want:
-            problems.append(f"shape mismatch for {rule.source_key!r}: checkpoint {tuple(value.shape)} "
-                            f"(after conversion) vs model {'/'.join(rule.flax_path)} {want}")
+        raw = _to_numpy(source[rule.source_key])
+        raw_shape, raw_dtype = tuple(raw.shape), raw.dtype
+        if not _is_numeric_float(raw_dtype):
+            problems.append(f"dtype mismatch for {rule.source_key!r}: checkpoint {raw_dtype} {raw_shape} vs model "
+                            f"{name} floating {want}")
             continue
-        value = value.astype(dtype)
+        value = rule.to_flax(raw)
+        del raw
+        if tuple(value.shape) != want:
+            problems.append(f"shape mismatch for {rule.source_key!r}: checkpoint {raw_shape} as stored, "
+                            f"{tuple(value.shape)} after conversion vs model {name} {want}")
+            continue
+        value = value.astype(dtype, copy=False)
         _set(params, rule.flax_path, place(rule.flax_path, value) if place else value)
+        del value
     unused = sorted(k for k in source if k not in used)
     unexpected = [k for k in unused if not ignore_unused(k)]
-    problems += [f"unexpected key {k!r} shape {tuple(np.shape(source[k]))} (not used by the model)"
+    problems += [f"unexpected key {k!r} shape {source_shape(source, k)} (not used by the model)"
                  for k in unexpected]
     if problems:
         raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     return params, [k for k in unused if ignore_unused(k)]
+
+
+def sharded_placer(shardings: Mapping) -> Callable[[tuple[str, ...], np.ndarray], Any]:
+    """A ``place`` callback for :func:`load_with_rules`: puts each converted host array
+    straight onto the devices with its leaf's sharding (a tree like the params, e.g. from
+    ``d2vlm_jax.sharding.shardings_for``). Each process transfers only its own shards
+    (``jax.make_array_from_callback``), so no device ever holds a full replica first."""
+    import jax
+
+    flat = flatten(shardings)
+
+    def place(path: tuple[str, ...], value: np.ndarray):
+        sharding = flat[path]
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return place
 
 
 def export_with_rules(params: Mapping, rules: Iterable[Rule]) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Inference: grounding-then-answering generation (SPEC §5)."""
