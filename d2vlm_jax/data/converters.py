@@ -40,8 +40,8 @@ counted) are those of :func:`d2vlm_jax.data.schema.validate_sample`; errors it r
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -49,9 +49,8 @@ from typing import Any
 
 from d2vlm_jax.data.schema import (EVIDENCE_END_TOKEN, EVIDENCE_TOKEN, IMAGE_TOKEN,
                                    AnnotationError, Sample, ValidationReport,
-                                   validate_sample)
+                                   iter_checked, validate_sample)
 
-logger = logging.getLogger(__name__)
 
 MATCH_TOKEN = "<vid>"
 
@@ -338,25 +337,8 @@ def convert_records(records: Sequence[Any], source_format: str, *, file: str,
     if source_format not in CONVERTERS:
         raise ValueError(f"unknown source format {source_format!r}; one of "
                          f"{sorted(CONVERTERS)}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    convert = CONVERTERS[source_format]
-    report = report if report is not None else ValidationReport()
-    samples = []
-    for index, record in enumerate(records):
-        report.num_samples += 1
-        try:
-            samples.append(convert(record, file=file, index=index, report=report,
-                                   video_format=video_format))
-        except AnnotationError as error:
-            if on_error == "raise":
-                raise
-            report.num_skipped += 1
-            report.skipped_messages.append(str(error))
-            logger.warning("skipping %s", error)
-            continue
-        report.num_valid += 1
-    return samples
+    convert = functools.partial(CONVERTERS[source_format], video_format=video_format)
+    return [sample for _, sample in iter_checked(records, convert, file=file, on_error=on_error, report=report)]
 
 
 def convert_file(path: str | os.PathLike, source_format: str, **kwargs: Any) -> list[Sample]:

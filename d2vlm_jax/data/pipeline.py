@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -272,27 +271,7 @@ def read_annotations(path: str, *, on_error: str = "skip") -> tuple[list[schema.
     """Validated samples of an annotation file with their indices in the file (skipped
     invalid samples leave gaps, so ``example_id`` always points into the file)."""
     report = schema.ValidationReport()
-    with open(path, encoding="utf-8") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise schema.AnnotationError(path, None, "<file>", f"invalid JSON: {e}") from None
-    if not isinstance(records, list):
-        raise schema.AnnotationError(path, None, "<file>", f"expected a JSON list, got {type(records).__name__}")
-    samples, indices = [], []
-    for index, record in enumerate(records):
-        report.num_samples += 1
-        try:
-            samples.append(schema.validate_sample(record, file=os.path.basename(path), index=index, report=report))
-        except schema.AnnotationError as e:
-            if on_error == "raise":
-                raise
-            report.num_skipped += 1
-            report.skipped_messages.append(str(e))
-            logger.warning("skipping invalid annotation: %s", e)
-            continue
-        report.num_valid += 1
-        indices.append(index)
+    samples, indices = schema.load_annotations_with_indices(path, on_error=on_error, report=report)
     return samples, indices, report
 
 

@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -310,16 +310,21 @@ def _check_rejected(value: Any, duration: float, fail, on_swap) -> tuple[Rejecte
     return tuple(rejected)
 
 
-def iter_validated(records: Sequence[Any], *, file: str, on_error: str = "raise",
-                   report: ValidationReport | None = None) -> Iterator[Sample]:
-    """Validates records one by one; ``on_error`` is ``"raise"`` or ``"skip"``."""
+def iter_checked(records: Sequence[Any], check: Callable[..., Sample], *, file: str, on_error: str = "raise",
+                 report: ValidationReport | None = None) -> Iterator[tuple[int, Sample]]:
+    """Applies ``check(record, file=, index=, report=)`` (a validator or a converter) to each
+    record and yields ``(index in the file, sample)``.
+
+    ``on_error="raise"`` stops at the first :class:`AnnotationError`; ``"skip"`` logs it,
+    counts it in ``report`` and goes on (indices of skipped records are left out).
+    """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     report = report if report is not None else ValidationReport()
     for index, record in enumerate(records):
         report.num_samples += 1
         try:
-            sample = validate_sample(record, file=file, index=index, report=report)
+            sample = check(record, file=file, index=index, report=report)
         except AnnotationError as error:
             if on_error == "raise":
                 raise
@@ -328,7 +333,46 @@ def iter_validated(records: Sequence[Any], *, file: str, on_error: str = "raise"
             logger.warning("skipping %s", error)
             continue
         report.num_valid += 1
+        yield index, sample
+
+
+def iter_validated(records: Sequence[Any], *, file: str, on_error: str = "raise",
+                   report: ValidationReport | None = None) -> Iterator[Sample]:
+    """Validates records one by one; ``on_error`` is ``"raise"`` or ``"skip"``."""
+    for _, sample in iter_checked(records, validate_sample, file=file, on_error=on_error, report=report):
         yield sample
+
+
+def read_json_list(path: str | os.PathLike) -> list[Any]:
+    """The JSON list of records in ``path``; errors name the file."""
+    file = os.path.basename(os.fspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        raise AnnotationError(os.fspath(path), None, "<file>", "file not found") from None
+    except json.JSONDecodeError as error:
+        raise AnnotationError(os.fspath(path), None, "<file>",
+                              f"invalid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise AnnotationError(file, None, "<file>",
+                              f"expected a JSON list of samples, got {type(records).__name__}")
+    return records
+
+
+def load_annotations_with_indices(path: str | os.PathLike, *, on_error: str = "raise",
+                                  report: ValidationReport | None = None) -> tuple[list[Sample], list[int]]:
+    """Like :func:`load_annotations`, plus each sample's index in the file (skipped samples
+    leave gaps, so an index always points into the file)."""
+    file = os.path.basename(os.fspath(path))
+    records = read_json_list(path)
+    report = report if report is not None else ValidationReport()
+    pairs = list(iter_checked(records, validate_sample, file=file, on_error=on_error, report=report))
+    if report.num_swapped or report.num_skipped:
+        logger.warning("%s: %d samples, %d valid, %d skipped, %d reversed interval(s) swapped",
+                       file, report.num_samples, report.num_valid, report.num_skipped,
+                       report.num_swapped)
+    return [sample for _, sample in pairs], [index for index, _ in pairs]
 
 
 def load_annotations(path: str | os.PathLike, *, on_error: str = "raise",
@@ -345,25 +389,7 @@ def load_annotations(path: str | os.PathLike, *, on_error: str = "raise",
     Raises:
       AnnotationError: unreadable JSON, not a list, or (``on_error="raise"``) a bad sample.
     """
-    file = os.path.basename(os.fspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        raise AnnotationError(os.fspath(path), None, "<file>", "file not found") from None
-    except json.JSONDecodeError as error:
-        raise AnnotationError(os.fspath(path), None, "<file>",
-                              f"invalid JSON: {error}") from None
-    if not isinstance(records, list):
-        raise AnnotationError(file, None, "<file>",
-                              f"expected a JSON list of samples, got {type(records).__name__}")
-    report = report if report is not None else ValidationReport()
-    samples = list(iter_validated(records, file=file, on_error=on_error, report=report))
-    if report.num_swapped or report.num_skipped:
-        logger.warning("%s: %d samples, %d valid, %d skipped, %d reversed interval(s) swapped",
-                       file, report.num_samples, report.num_valid, report.num_skipped,
-                       report.num_swapped)
-    return samples
+    return load_annotations_with_indices(path, on_error=on_error, report=report)[0]
 
 
 def save_annotations(samples: Sequence[Sample], path: str | os.PathLike) -> None:
