@@ -5,7 +5,8 @@ same tiny model, for 32 / 128 / 256 frames. Prints times and speed ratios.
     .venv/bin/python benchmarks/injection_step.py [--frames 32,128,256] [--repeats 5]
 
 Ratios are measured in one process, alternating the variants, so machine noise affects both
-alike; absolute times depend on the machine (printed in the header).
+alike; absolute times depend on the machine (printed in the header). The FLOP ratios come
+from XLA's cost analysis of the compiled steps and do not depend on machine load.
 """
 
 from __future__ import annotations
@@ -77,37 +78,51 @@ def fpo_separate_step(config):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def time_fn(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
+def flops(fn, args) -> float:
+    """XLA's FLOP count of the compiled step (deterministic, unlike timings)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def time_variants(variants: dict, repeats: int) -> dict:
+    """Median seconds per variant; the variants are run in turn (round robin) so a burst of
+    machine load hits all of them alike."""
+    for fn, args in variants.values():
+        jax.block_until_ready(fn(*args))  # compile + warm up
+    times = {name: [] for name in variants}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (fn, args) in variants.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", default="32,128,256")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}")
-    print(f"{'frames':>6}  {'single ms':>10}  {'two-pass ms':>11}  {'speedup':>7}  "
-          f"{'FPO packed ms':>13}  {'FPO separate ms':>15}  {'speedup':>7}")
+    print(f"{'frames':>6}  {'single ms':>10}  {'two-pass ms':>11}  {'speedup':>7}  {'FLOP ratio':>10}  "
+          f"{'FPO packed ms':>13}  {'FPO separate ms':>15}  {'speedup':>7}  {'FLOP ratio':>10}")
     for n in [int(x) for x in args.frames.split(",")]:
-        row = {}
+        variants = {}
         for injection in ("single_pass", "two_pass"):
             config, batch, params = model_and_batch(n, injection, rejected=0)
             t, f = partition.split(params, partition.D2VLM_TRAINABLE)
-            row[injection] = time_fn(sft_step(config), (t, f, batch), args.repeats)
+            variants[injection] = (sft_step(config), (t, f, batch))
         config, batch, params = model_and_batch(n, "single_pass", rejected=1)
         t, f = partition.split(params, partition.D2VLM_TRAINABLE)
-        row["packed"] = time_fn(fpo_packed_step(config), (t, f, batch), args.repeats)
-        row["separate"] = time_fn(fpo_separate_step(config), (t, f, batch), args.repeats)
+        variants["packed"] = (fpo_packed_step(config), (t, f, batch))
+        variants["separate"] = (fpo_separate_step(config), (t, f, batch))
+        row = time_variants(variants, args.repeats)
+        fl = {name: flops(fn, a) for name, (fn, a) in variants.items()}
         print(f"{n:>6}  {1e3 * row['single_pass']:>10.1f}  {1e3 * row['two_pass']:>11.1f}  "
-              f"{row['two_pass'] / row['single_pass']:>6.2f}x  {1e3 * row['packed']:>13.1f}  "
-              f"{1e3 * row['separate']:>15.1f}  {row['separate'] / row['packed']:>6.2f}x", flush=True)
+              f"{row['two_pass'] / row['single_pass']:>6.2f}x  {fl['two_pass'] / fl['single_pass']:>9.2f}x  "
+              f"{1e3 * row['packed']:>13.1f}  {1e3 * row['separate']:>15.1f}  "
+              f"{row['separate'] / row['packed']:>6.2f}x  {fl['separate'] / fl['packed']:>9.2f}x", flush=True)
 
 
 if __name__ == "__main__":
