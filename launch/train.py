@@ -4,14 +4,15 @@ Examples:
   # the embedded default (synthetic videos, tiny model, CPU, minutes)
   python launch/train.py --config configs/synthetic.py --workdir workdir/synthetic
   # full size, overriding fields
-  python launch/train.py --config configs/d2vlm_phi3_sft.py --workdir gs://bucket/run1 \
+  python launch/train.py --config configs/d2vlm_phi3_sft.py --workdir /gcs/bucket/run1 \
       --config.sft.batch_size=64 --config.mesh.fsdp=8
 
 Every host of a multi-host job (Cloud TPU pod, GPU cluster) runs the same command;
 ``jax.distributed.initialize()`` is called when more than one process is configured
 (TPU pods detect this automatically; elsewhere pass --coordinator_address, --num_processes,
---process_id). A killed run restarts from its newest checkpoint when started again with the
-same --workdir.
+--process_id). The workdir is a filesystem path every process sees (a gcsfuse mount of a
+bucket on Cloud TPU, docs/TPU.md); gs:// URLs are not supported. A killed run restarts from
+its newest checkpoint when started again with the same --workdir.
 """
 
 import logging
@@ -31,6 +32,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs outside TPU pods.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                                  "Multi-process runs: a process silent this long counts as dead and the "
+                                  "distributed runtime stops the others (JAX's default is 100 s).")
 _MULTIHOST = flags.DEFINE_boolean("multihost", False, "Call jax.distributed.initialize() with auto-detection "
                                   "(Cloud TPU pods, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -41,9 +45,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
     if _COORDINATOR.value or _MULTIHOST.value:
-        kwargs = {}
+        kwargs = dict(heartbeat_timeout_seconds=_HEARTBEAT.value)
         if _COORDINATOR.value:
-            kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            kwargs.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                           process_id=_PROCESS_ID.value)
         jax.distributed.initialize(**kwargs)
     logging.getLogger().setLevel(logging.INFO)

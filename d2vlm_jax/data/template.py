@@ -332,6 +332,24 @@ def build_sft_example(sample: Any, *, frame_times: np.ndarray, tokenizer: TextTo
     return example
 
 
+def build_prompt_example(sample: Any, *, frame_times: np.ndarray, tokenizer: TextTokenizer,
+                         qformer_tokenizer: QFormerTokenizer, config: TemplateConfig = TemplateConfig(),
+                         rng_seed: int = 0, example_index: int = 0) -> dict[str, np.ndarray]:
+    """The prefix (prompt + frame slots) of an example, for inference on a bare question:
+    exactly the prefix fields :func:`build_sft_example` produces for the same sample (no
+    ``answer`` needed), plus ``example_id``. ``sample`` needs ``question`` (and optional
+    ``question_events``); use ``TemplateConfig(train=False)`` as evaluation does."""
+    builder = _Builder(sample, frame_times=frame_times, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+                       config=config, rng_seed=rng_seed, example_index=example_index)
+    if builder.prefix_length > config.max_length:
+        raise ExampleError(builder.name, "question", f"prompt too long: {builder.prefix_length} tokens "
+                                                     f"({builder.frame_times.size} frames) > max_length "
+                                                     f"{config.max_length}")
+    example = builder.prefix_fields()
+    example["example_id"] = np.asarray(example_index, np.int64)
+    return example
+
+
 def conflict_masks(chosen: _Branch, rejected: _Branch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """Conflict of a chosen/rejected pair (SPEC §4.1).
 

@@ -10,13 +10,17 @@ Two kinds of numbers:
   mIoU. Intervals are compared as frame spans at the sampling rate (``[first, last + 1)``
   frames), the convention of ``synthetic.blind_baseline``, which the report prints next to
   the model as the video-blind reference.
+
+:func:`evaluate_annotations` is the one pass both the training run (:func:`evaluate`,
+:func:`final_report`) and ``launch/evaluate.py`` use; generated metrics are summed over
+processes, predictions stay per process (``launch/evaluate.py`` merges them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -42,83 +46,157 @@ def span_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _eval_batches(config, tokenizers, max_batches):
-    tokenizer, qformer_tokenizer = tokenizers
-    pcount = jax.process_count()
-    bs = max(config.eval_batch_size // pcount, 1)
-    batches = pipeline.make_eval_batches(config.data, stage="sft", tokenizer=tokenizer,
-                                         qformer_tokenizer=qformer_tokenizer, batch_size_per_host=bs,
-                                         process_index=jax.process_index(), process_count=pcount)
-    for i, b in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        yield b
-
-
 def evaluate(config: ml_collections.ConfigDict, model: D2VLM, params: Any, stage: str, tokenizers, mesh,
              max_batches: int | None = None, predictions: list | None = None) -> dict[str, float]:
-    """Teacher-forced metrics and generated-grounding metrics on ``data.eval_annotations``."""
-    loss_cfg = cfg_lib.loss_config(config)
+    """Teacher-forced metrics and generated-grounding metrics on ``data.eval_annotations``
+    (the training run's view: :func:`evaluate_annotations` with the experiment config's
+    data section, ``eval_batch_size`` and ``eval_max_new_tokens``)."""
+    return evaluate_annotations(model, params, data_config=config.data, tokenizers=tokenizers, mesh=mesh,
+                                global_batch_size=config.eval_batch_size,
+                                max_new_tokens=config.eval_max_new_tokens, loss_config=cfg_lib.loss_config(config),
+                                max_batches=max_batches, predictions=predictions)
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """float64[K] per-process sums -> the sums over all processes (identity on one host)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    high = values.astype(np.float32)                         # float64 sent as two float32 parts
+    low = (values - high.astype(np.float64)).astype(np.float32)
+    gathered = np.asarray(multihost_utils.process_allgather(np.stack([high, low]))).astype(np.float64)
+    return gathered.reshape(jax.process_count(), 2, -1).sum(axis=(0, 1))
+
+
+def process_local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order of its host batch
+    (``jax.make_array_from_process_local_data`` put them on the addressable shards in order)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    by_start: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:   # shards replicated over other mesh axes: keep one
+        by_start.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([by_start[k] for k in sorted(by_start)], axis=0)
+
+
+def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collections.ConfigDict, tokenizers, mesh,
+                         global_batch_size: int, max_new_tokens: int,
+                         loss_config: losses.LossConfig | None = None, max_batches: int | None = None,
+                         predictions: list | None = None,
+                         progress: Callable[[int, int], None] | None = None,
+                         stats: pipeline.PipelineStats | None = None) -> dict[str, float]:
+    """One pass of greedy grounding-then-answering generation over ``data_config.eval_annotations``.
+
+    The one evaluation code path: the training run (:func:`evaluate`, :func:`final_report`) and
+    ``launch/evaluate.py`` both call it.
+
+    Args:
+      model, params: the model and its (mesh-placed) params.
+      data_config: ``config.data``; ``eval_annotations`` is the file evaluated.
+      tokenizers: ``(TextTokenizer, QFormerTokenizer)``.
+      mesh: batches are placed with their batch axis over the mesh's data axes.
+      global_batch_size: rows per step over all processes (each process takes
+        ``global_batch_size // process_count`` rows of its shard of the file).
+      max_new_tokens: decode steps.
+      loss_config: also compute the teacher-forced metrics (``tf/*``; the annotations must
+        carry real answers); None skips them.
+      max_batches: stop after this many batches (in-training evaluation).
+      predictions: a list to append one record per evaluated sample of this process to
+        (:func:`prediction_record`).
+      progress: ``progress(batches_done, batches_total)`` after every batch.
+      stats: filled with the pipeline's skip counts.
+    Returns:
+      ``tvg/R@{0.3,0.5,0.7}``, ``tvg/mIoU``, ``tvg/num`` (first grounding interval of every
+      ``tvg`` sample vs its first GT event, as frame spans), ``answer/exact_match`` and, with
+      ``loss_config``, ``tf/loss/*`` and ``tf/grounding/accuracy``; all over every process.
+    """
+    tokenizer, qformer_tokenizer = tokenizers
     rules = model.config.llm.sharding_rules
-    tokenizer = tokenizers[0]
-    tf_fn = jax.jit(lambda p, b: (objective.loss_and_metrics(model, p, b, loss_cfg, stage="sft")[1],
-                                  losses.normalizers(b)))
-    dcfg = decode_lib.DecodeConfig(max_new_tokens=config.eval_max_new_tokens, evi_token_id=tokenizer.evi_id,
+    pcount = jax.process_count()
+    batch_size = max(global_batch_size // pcount, 1)
+    tf_fn = None
+    if loss_config is not None:
+        tf_fn = jax.jit(lambda p, b: (objective.loss_and_metrics(model, p, b, loss_config, stage="sft")[1],
+                                      losses.normalizers(b)))
+    dcfg = decode_lib.DecodeConfig(max_new_tokens=max_new_tokens, evi_token_id=tokenizer.evi_id,
                                    end_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
     gen_fn = decode_lib.make_generate_fn(model, dcfg)
-    samples, indices, _ = pipeline.read_annotations(config.data.eval_annotations)
+    samples, indices, _ = pipeline.read_annotations(data_config.eval_annotations)
     by_index = dict(zip(indices, samples))
+    total = pipeline.num_eval_batches(len(samples), batch_size, pcount)
+    if max_batches is not None:
+        total = min(total, max_batches)
+    batches = pipeline.make_eval_batches(data_config, stage="sft", tokenizer=tokenizer,
+                                         qformer_tokenizer=qformer_tokenizer, batch_size_per_host=batch_size,
+                                         process_index=jax.process_index(), process_count=pcount, stats=stats)
     sums: dict[str, float] = {}
     dens: dict[str, float] = {}
     ious: list[float] = []
     answer_hits = answer_total = 0
-    for host in _eval_batches(config, tokenizers, max_batches):
-        dev = sharding.host_batch_to_global({k: host[k] for k in batch_lib.SFT_KEYS}, mesh, rules)
-        metrics, norm = tf_fn(params, dev)
-        metrics, norm = jax.device_get(metrics), jax.device_get(norm)
-        for k, w in _WEIGHT.items():
-            sums[k] = sums.get(k, 0.0) + float(metrics[k]) * float(norm[w])
-            dens[k] = dens.get(k, 0.0) + float(norm[w])
-        rows = decode_lib.unbatch(gen_fn({"params": params}, dev), tokenizer.evi_id)
+    for batch_index, host in enumerate(batches):
+        if batch_index >= total:
+            break
+        keys = batch_lib.SFT_KEYS if tf_fn is not None else decode_lib.PREFIX_KEYS
+        dev = sharding.host_batch_to_global({k: host[k] for k in keys}, mesh, rules)
+        if tf_fn is not None:
+            metrics, norm = jax.device_get(tf_fn(params, dev))
+            for k, w in _WEIGHT.items():
+                sums[k] = sums.get(k, 0.0) + float(metrics[k]) * float(norm[w])
+                dens[k] = dens.get(k, 0.0) + float(norm[w])
+        rows = decode_lib.unbatch(jax.tree.map(process_local_rows, gen_fn({"params": params}, dev)),
+                                  tokenizer.evi_id)
         for r, row in enumerate(rows):
             example_id = int(host["example_id"][r])
             if example_id < 0:
                 continue
-            sample = by_index[example_id]
-            ids = row.token_ids
-            end_evi = [k for k, t in enumerate(ids) if t == tokenizer.evi_end_id]
-            grounding = [iv for k, iv in zip([k for k, t in enumerate(ids) if t == tokenizer.evi_id],
-                                            row.evidence_intervals) if end_evi and k < end_evi[0]]
-            gt = [tuple(int(x) for x in host["event_intervals"][r, k]) for k in range(host["event_valid"].shape[1])
-                  if host["event_valid"][r, k]]
-            iou = span_iou(grounding[0], gt[0]) if grounding and gt else 0.0
-            if sample.task == "tvg":
-                ious.append(iou)
-            # answer text after </evi> (evidence tokens excluded) vs the ground truth's
-            gt_ids = [int(t) for t, v in zip(host["response_ids"][r], host["response_valid"][r]) if v]
-            gt_end = gt_ids.index(tokenizer.evi_end_id) if tokenizer.evi_end_id in gt_ids else -1
-            gt_answer = [t for t in gt_ids[gt_end + 1:] if t != tokenizer.evi_id]
-            answer = [t for t in ids[(end_evi[0] + 1 if end_evi else 0):] if t != tokenizer.evi_id]
-            answer_hits += int(answer == gt_answer)
+            record = prediction_record(row, host, r, by_index[example_id], tokenizer)
+            if record["task"] == "tvg":
+                ious.append(record["iou"])
+            answer_hits += int(record["answer_match"])
             answer_total += 1
             if predictions is not None:
-                text, seconds = decode_lib.render_answer(
-                    ids, row.evidence_intervals, lambda t: tokenizer.decode(t), host["frame_times"][r],
-                    evi_token_id=tokenizer.evi_id, evi_end_token_id=tokenizer.evi_end_id,
-                    stop_token_ids=(tokenizer.end_id, tokenizer.pad_id))
-                predictions.append({"index": example_id, "video": sample.video, "task": sample.task,
-                                    "question": sample.question, "gt_answer": sample.answer,
-                                    "gt_events": [list(e) for e in sample.events], "prediction": text,
-                                    "grounding_seconds": [list(s) for s in seconds],
-                                    "grounding_frames": [list(g) for g in grounding], "gt_frames": [list(g) for g in gt],
-                                    "iou": iou})
+                predictions.append(record)
+        if progress is not None:
+            progress(batch_index + 1, total)
+    # generated metrics: sums over processes (each process saw its own shard)
+    hits = [sum(i >= t for i in ious) for t in THRESHOLDS]
+    totals = _sum_over_processes(np.asarray(hits + [sum(ious), len(ious), answer_hits, answer_total], np.float64))
+    num_tvg = totals[len(THRESHOLDS) + 1]
     out = {f"tf/{k}": sums[k] / max(dens[k], 1.0) for k in sums}
-    for t in THRESHOLDS:
-        out[f"tvg/R@{t}"] = float(np.mean([i >= t for i in ious])) if ious else 0.0
-    out["tvg/mIoU"] = float(np.mean(ious)) if ious else 0.0
-    out["tvg/num"] = float(len(ious))
-    out["answer/exact_match"] = answer_hits / max(answer_total, 1)
+    for t, h in zip(THRESHOLDS, totals[:len(THRESHOLDS)]):
+        out[f"tvg/R@{t}"] = float(h / num_tvg) if num_tvg else 0.0
+    out["tvg/mIoU"] = float(totals[len(THRESHOLDS)] / num_tvg) if num_tvg else 0.0
+    out["tvg/num"] = float(num_tvg)
+    out["answer/exact_match"] = float(totals[-2] / max(totals[-1], 1.0))
     return out
+
+
+def prediction_record(row: decode_lib.RowResult, host: Mapping[str, np.ndarray], r: int, sample: schema.Sample,
+                      tokenizer) -> dict[str, Any]:
+    """One evaluated sample: the rendered answer (SPEC §5.4), the grounding-stage intervals
+    (frames and seconds) next to the ground truth, the IoU of the first ones (frame spans)
+    and whether the answer tokens equal the ground truth's (``<evi>`` excluded)."""
+    ids = row.token_ids
+    evi_at = [k for k, t in enumerate(ids) if t == tokenizer.evi_id]
+    end_evi = [k for k, t in enumerate(ids) if t == tokenizer.evi_end_id]
+    grounding = [iv for k, iv in zip(evi_at, row.evidence_intervals) if end_evi and k < end_evi[0]]
+    gt = [tuple(int(x) for x in host["event_intervals"][r, k]) for k in range(host["event_valid"].shape[1])
+          if host["event_valid"][r, k]]
+    iou = span_iou(grounding[0], gt[0]) if grounding and gt else 0.0
+    gt_ids = [int(t) for t, v in zip(host["response_ids"][r], host["response_valid"][r]) if v]
+    gt_end = gt_ids.index(tokenizer.evi_end_id) if tokenizer.evi_end_id in gt_ids else -1
+    gt_answer = [t for t in gt_ids[gt_end + 1:] if t != tokenizer.evi_id]
+    answer = [t for t in ids[(end_evi[0] + 1 if end_evi else 0):] if t != tokenizer.evi_id]
+    text, seconds = decode_lib.render_answer(
+        ids, row.evidence_intervals, lambda t: tokenizer.decode(t), host["frame_times"][r],
+        evi_token_id=tokenizer.evi_id, evi_end_token_id=tokenizer.evi_end_id,
+        stop_token_ids=(tokenizer.end_id, tokenizer.pad_id))
+    return {"index": int(host["example_id"][r]), "video": sample.video, "task": sample.task,
+            "question": sample.question, "gt_answer": sample.answer,
+            "gt_events": [list(e) for e in sample.events], "prediction": text,
+            "grounding_seconds": [list(s) for s in seconds],
+            "grounding_frames": [list(g) for g in grounding], "gt_frames": [list(g) for g in gt],
+            "iou": iou, "answer_match": answer == gt_answer}
 
 
 def format_metrics(m: Mapping[str, float]) -> str:
@@ -130,16 +208,27 @@ def format_metrics(m: Mapping[str, float]) -> str:
 def final_report(config: ml_collections.ConfigDict, model: D2VLM, params: Any, tokenizers, mesh,
                  workdir: str) -> dict[str, Any]:
     """Full held-out evaluation: predictions JSON, metrics JSON and a printed table with the
-    video-blind baseline next to the model."""
+    video-blind baseline next to the model (in ``workdir/eval``)."""
     predictions: list = []
     metrics = evaluate(config, model, params, "final", tokenizers, mesh, predictions=predictions)
+    blind = video_blind_reference(config.data.train_annotations, config.data.eval_annotations)
+    return write_report(metrics, blind, predictions, os.path.join(workdir, "eval"))
+
+
+def video_blind_reference(train_annotations: str, eval_annotations: str) -> dict[str, Any]:
+    """``synthetic.blind_baseline`` of the two annotation files (printed next to the model)."""
     from d2vlm_jax.data.synthetic import blind_baseline
-    train = schema.load_annotations(config.data.train_annotations, on_error="skip")
-    val = schema.load_annotations(config.data.eval_annotations, on_error="skip")
-    blind = blind_baseline(train, val)
-    report = {"model": metrics, "video_blind": blind}
+    train = schema.load_annotations(train_annotations, on_error="skip")
+    val = schema.load_annotations(eval_annotations, on_error="skip")
+    return blind_baseline(train, val)
+
+
+def write_report(metrics: Mapping[str, float], blind: Mapping[str, Any], predictions: list,
+                 out_dir: str) -> dict[str, Any]:
+    """Process 0 writes ``out_dir/predictions.json`` and ``out_dir/metrics.json`` (``{"model":
+    metrics, "video_blind": blind}``) and prints :func:`render_table`; returns that dict."""
+    report = {"model": dict(metrics), "video_blind": dict(blind)}
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "predictions.json"), "w") as f:
             json.dump(predictions, f, indent=1)

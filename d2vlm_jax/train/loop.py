@@ -248,6 +248,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
         log = MetricsLog(stage_dir, stage, total_steps, is_main)
         examples_log = None
         if config.get("log_example_ids"):  # which samples each step consumed (resume checks)
+            os.makedirs(stage_dir, exist_ok=True)  # every process writes its own file
             examples_log = open(os.path.join(stage_dir, f"examples.process_{jax.process_index()}.jsonl"), "a")
         t_last, step_last = time.time(), start
         tokens_acc = frames_acc = 0.0
@@ -259,11 +260,12 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                 host = next(data_iter)
                 tokens_acc += float(host["prefix_valid"].sum() + host["response_valid"].sum()) * pcount
                 frames_acc += float(host["frame_valid"].sum()) * pcount
-                if examples_log is not None:
-                    examples_log.write(json.dumps({"step": step + 1, "example_id": host["example_id"].tolist()}) + "\n")
-                    examples_log.flush()
                 state, metrics = jit_step(state, frozen, device_batch(host, mesh, rules, keys), reference)
                 metrics = jax.device_get(metrics)
+                if examples_log is not None:  # per process: its samples, and the (global) loss it saw
+                    examples_log.write(json.dumps({"step": step + 1, "example_id": host["example_id"].tolist(),
+                                                   "loss": float(metrics["loss/total"])}) + "\n")
+                    examples_log.flush()
                 if not metrics["finite"]:
                     mngr.wait_until_finished()
                     raise TrainingError(
@@ -293,6 +295,9 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
             params = partition.merge(state.params, frozen)
             export_dir = os.path.join(stage_dir, "export", "params")
             ckpt_lib.save_params(export_dir, params)
+            if is_main:  # params/ + d2vlm_config.json: the layout of an imported checkpoint
+                from d2vlm_jax.weights.d2vlm_checkpoint import save_model_config
+                save_model_config(os.path.dirname(export_dir), model_cfg)
             final = {"stage": stage, "steps": total_steps, "export": export_dir,
                      "train": {k: float(v) for k, v in last_metrics.items()},
                      "pipeline": data_iter.stats.summary() if hasattr(data_iter, "stats") else ""}

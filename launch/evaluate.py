@@ -1,0 +1,287 @@
+r"""Evaluates a D²VLM checkpoint on an annotation file (SPEC §6).
+
+Examples:
+  # the synthetic held-out split (same numbers as the training run's final report)
+  python launch/evaluate.py --checkpoint workdir/synthetic --annotations data/synthetic/val.json \
+      --output_dir /tmp/eval_synthetic
+  # Charades-STA test split ({"video", "duration", "query", "timestamp"} records)
+  python launch/evaluate.py --checkpoint /ckpt/d2vlm --benchmark charades \
+      --annotations charades_test.json --video_root /data/charades/videos --batch_size 8
+  # E.T. Bench ({"idx", "task", "source", "video", "duration", "q", "o", "p", "tgt", "g"})
+  python launch/evaluate.py --checkpoint /ckpt/d2vlm --benchmark etbench \
+      --annotations etbench_txt_v1.0.json --video_root /data/etbench/videos
+
+Benchmarks:
+  synthetic  annotations in the project schema (SPEC §2.3); tvg R@{0.3,0.5,0.7} + mIoU,
+             answer exact match and teacher-forced metrics: the code of the training run's
+             final report (train/evaluation.py), with the video-blind reference when the
+             checkpoint is a training workdir.
+  charades   Charades-STA: R@{0.3,0.5,0.7}, mIoU (evaluation/metrics.py).
+  youcook2   YouCook2 dense captioning ({"video", "duration", "timestamps", "sentences"}):
+             P/R/F1 over IoU {0.3,0.5,0.7,0.9} + CIDEr-D.
+  etbench    E.T. Bench: per-task metrics per source and the merged scores.
+
+Benchmark records are converted to the project schema (data/converters.py; E.T. Bench: the
+question ``q`` with an empty answer), the same generation pass runs over them, and the
+rendered answers (SPEC §5.4) are scored by evaluation/metrics.py in the E.T. Bench record
+format. A sample whose video cannot be used is scored as a miss (empty answer) and counted.
+
+Sharding: every process takes its slice of the file (``[process::process_count]``) and
+the global batch of --batch_size rows is spread over the mesh's data axes. Multi-process
+runs merge the per-process predictions through --output_dir (a shared filesystem).
+Writes <output_dir>/predictions.json and metrics.json and prints a table.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+BENCHMARKS = ("synthetic", "etbench", "charades", "youcook2")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (workdir, stage export or imported).")
+_STAGE = flags.DEFINE_string("stage", None, "Stage of a training workdir (default: the last finished one).")
+_ANNOTATIONS = flags.DEFINE_string("annotations", None, "Annotation file (JSON list).")
+_VIDEO_ROOT = flags.DEFINE_string("video_root", None, "Directory the videos are relative to (default: the "
+                                  "annotation file's directory).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where predictions.json / metrics.json go "
+                                  "(default: ./eval_<benchmark>_<annotation file name>).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size, a multiple of the mesh data size "
+                                   "(default: the training config's eval_batch_size, else the data size).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Decode steps (default: the training config's "
+                                       "eval_max_new_tokens, else 256).")
+_BENCHMARK = flags.DEFINE_enum("benchmark", "synthetic", BENCHMARKS, "Annotation format and metrics.")
+_QFORMER_VOCAB = flags.DEFINE_string("qformer_vocab", None, "Q-Former vocab.txt overriding the checkpoint's.")
+_SENTSIM = flags.DEFINE_boolean("sentsim", False, "Score SentSim with all-MiniLM-L6-v2 when the optional "
+                                "sentence-transformers extra and the model are available.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["checkpoint", "annotations"])
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- benchmark records
+
+
+def to_schema(records, benchmark: str, file: str):
+    """Benchmark records -> (project-schema samples, index of each in ``records``, skipped count)."""
+    from d2vlm_jax.data import converters, schema
+
+    if benchmark == "etbench":
+        def convert(record, *, file, index, report):
+            if not isinstance(record, dict):
+                raise schema.AnnotationError(file, index, "<sample>", "expected a JSON object")
+            for key in ("video", "duration", "task", "q"):
+                if key not in record:
+                    raise schema.AnnotationError(file, index, key, "missing required field")
+            question = str(record["q"]).replace(schema.IMAGE_TOKEN, "").strip()
+            return schema.validate_sample({"video": record["video"], "duration": record["duration"],
+                                           "task": record["task"], "question": question, "answer": "",
+                                           "events": [], "question_events": []}, file=file, index=index,
+                                          report=report)
+    else:
+        convert = converters.CONVERTERS["charades_sta" if benchmark == "charades" else "dense_captions"]
+    report = schema.ValidationReport()
+    pairs = list(schema.iter_checked(records, convert, file=file, on_error="skip", report=report))
+    return [s for _, s in pairs], [i for i, _ in pairs], report.num_skipped
+
+
+def benchmark_record(benchmark: str, raw: dict, answer: str, position: int) -> dict:
+    """The E.T. Bench-format record ``evaluation.metrics.evaluate_predictions`` scores."""
+    if benchmark == "charades":
+        return {"idx": position, "task": "charades_sta", "video": raw["video"], "a": answer,
+                "tgt": raw["timestamp"]}
+    if benchmark == "youcook2":
+        return {"idx": position, "task": "youcook2_dvc", "video": raw["video"], "a": answer,
+                "tgt": raw["timestamps"], "g": raw["sentences"]}
+    record = {k: raw[k] for k in ("idx", "task", "source", "video", "tgt", "o", "p", "g") if k in raw}
+    record.setdefault("idx", position)
+    record["a"] = answer
+    return record
+
+
+def benchmark_table(result: dict) -> str:
+    lines = ["", f"{'task':<14} {'source':<22} metrics", "-" * 78]
+    for task, entry in result["tasks"].items():
+        for source, m in entry["sources"].items():
+            shown = " ".join(f"{k} {v:.4f}" for k, v in m.items()
+                             if isinstance(v, float) and not k.endswith("_parsed_only"))
+            lines.append(f"{task:<14} {source:<22} {shown} (n={m['num_samples']}, "
+                         f"unparseable {m['num_unparseable']})")
+        score = entry["score"]
+        lines.append(f"{task:<14} {'[task score]':<22} {entry['score_key']} "
+                     f"{'None' if score is None else f'{score:.4f}'}")
+    if any(v is not None for v in result.get("etbench_merged", {}).values()) or result.get("etbench_merged"):
+        lines.append("-" * 78)
+        for name, value in result["etbench_merged"].items():
+            lines.append(f"{name:<14} {'None' if value is None else f'{100 * value:.1f}'}")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+    if _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    if not os.path.exists(_CHECKPOINT.value):
+        fail(f"checkpoint directory {_CHECKPOINT.value} does not exist")
+    if not os.path.isfile(_ANNOTATIONS.value):
+        fail(f"annotation file {_ANNOTATIONS.value} not found")
+    import ml_collections
+    import numpy as np
+    from d2vlm_jax import config as cfg_lib
+    from d2vlm_jax import losses
+    from d2vlm_jax.data import pipeline, schema
+    from d2vlm_jax.evaluation import metrics as metrics_lib
+    from d2vlm_jax.inference import runner
+    from d2vlm_jax.train import evaluation
+    from d2vlm_jax.train.loop import format_seconds
+
+    benchmark = _BENCHMARK.value
+    is_main = jax.process_index() == 0
+    pindex, pcount = jax.process_index(), jax.process_count()
+    try:
+        loaded = runner.load_checkpoint(_CHECKPOINT.value, stage=_STAGE.value, qformer_vocab=_QFORMER_VOCAB.value)
+    except runner.CheckpointError as e:
+        fail(str(e))
+    experiment = loaded.layout.experiment_config
+    annotations = os.path.abspath(_ANNOTATIONS.value)
+    out_dir = _OUTPUT_DIR.value or os.path.join(
+        os.getcwd(), f"eval_{benchmark}_{os.path.splitext(os.path.basename(annotations))[0]}")
+    os.makedirs(out_dir, exist_ok=True)
+    dp = loaded.data_parallel_size
+    batch_size = _BATCH_SIZE.value or (experiment.get("eval_batch_size") if experiment is not None else None) or dp
+    if batch_size % dp or batch_size % pcount:
+        fail(f"--batch_size={batch_size} must be a multiple of the mesh data size {dp} and of the "
+             f"{pcount} processes")
+    max_new_tokens = _MAX_NEW_TOKENS.value or (experiment.get("eval_max_new_tokens") if experiment is not None
+                                               else None) or 256
+
+    raw_records, raw_index, num_invalid = None, None, 0
+    eval_path = annotations
+    try:
+        if benchmark != "synthetic":
+            with open(annotations) as f:
+                raw_records = json.load(f)
+            if not isinstance(raw_records, list):
+                fail(f"{annotations}: expected a JSON list of records")
+            samples, raw_index, num_invalid = to_schema(raw_records, benchmark, os.path.basename(annotations))
+            if not samples:
+                fail(f"{annotations}: no record could be converted for --benchmark={benchmark} ({num_invalid} invalid)")
+            eval_path = os.path.join(out_dir, f"converted_annotations.process_{pindex}.json")
+            with open(eval_path, "w") as f:
+                json.dump([s.to_dict() for s in samples], f)
+    except schema.AnnotationError as e:
+        fail(str(e))
+
+    data = ml_collections.ConfigDict(loaded.data_config.to_dict())
+    data.eval_annotations = eval_path
+    data.video_root = _VIDEO_ROOT.value or os.path.dirname(annotations)
+    data.source = "videos"
+    loss_config = None
+    if benchmark == "synthetic":
+        loss_config = cfg_lib.loss_config(experiment) if experiment is not None else losses.LossConfig()
+
+    num_samples = len(pipeline.read_annotations(eval_path)[0])
+    if is_main:
+        print(f"evaluating {loaded.layout.params_dir} on {annotations} ({benchmark}, {num_samples} samples, "
+              f"{pcount} process(es), {jax.device_count()} device(s), global batch {batch_size}, "
+              f"max_new_tokens {max_new_tokens})", flush=True)
+    start = time.time()
+    first_batch_s = []
+
+    def progress(done: int, total: int) -> None:
+        if not is_main:
+            return
+        elapsed = time.time() - start
+        if done == 1:
+            first_batch_s.append(elapsed)   # includes compilation: left out of the rate
+        per_batch = (elapsed - first_batch_s[0]) / (done - 1) if done > 1 else elapsed
+        eta = per_batch * (total - done)
+        print(f"[eval] batch {done}/{total} ({100 * done / total:.0f}%) {per_batch:.2f} s/batch "
+              f"| elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}", flush=True)
+
+    stats = pipeline.PipelineStats()
+    predictions: list = []
+    try:
+        with jax.set_mesh(loaded.mesh):
+            metrics = evaluation.evaluate_annotations(
+                loaded.model, loaded.params, data_config=data, tokenizers=loaded.tokenizers, mesh=loaded.mesh,
+                global_batch_size=batch_size, max_new_tokens=max_new_tokens, loss_config=loss_config,
+                predictions=predictions, progress=progress, stats=stats)
+    except pipeline.DataError as e:
+        fail(str(e))
+    if stats.num_skipped and pcount == 1:
+        print(f"skipped samples: {stats.summary()}", flush=True)
+
+    # merge the per-process predictions (shared output directory)
+    if pcount > 1:
+        from jax.experimental import multihost_utils
+        with open(os.path.join(out_dir, f"predictions.process_{pindex}-of-{pcount}.json"), "w") as f:
+            json.dump(predictions, f)
+        multihost_utils.sync_global_devices("evaluate: predictions written")
+        if not is_main:
+            return
+        predictions = []
+        for i in range(pcount):
+            with open(os.path.join(out_dir, f"predictions.process_{i}-of-{pcount}.json")) as f:
+                predictions += json.load(f)
+    predictions.sort(key=lambda p: p["index"])
+    if not is_main:
+        return
+
+    if benchmark == "synthetic":
+        blind = {}
+        if experiment is not None and os.path.isfile(data.get("train_annotations") or ""):
+            blind = evaluation.video_blind_reference(data.train_annotations, annotations)
+        report = evaluation.write_report(metrics, blind, predictions, out_dir)
+        report["num_skipped"] = stats.num_skipped
+        print(f"elapsed {format_seconds(time.time() - start)}", flush=True)
+        return
+
+    by_index = {p["index"]: p for p in predictions}
+    records, missing = [], 0
+    for k, raw_position in enumerate(raw_index):
+        prediction = by_index.get(k)
+        missing += prediction is None
+        records.append(benchmark_record(benchmark, raw_records[raw_position],
+                                        "" if prediction is None else prediction["prediction"], raw_position))
+    sentsim = metrics_lib.minilm_sentence_similarity() if _SENTSIM.value else None
+    try:
+        result = metrics_lib.evaluate_predictions(records, sentence_similarity=sentsim)
+    except metrics_lib.EvaluationInputError as e:
+        fail(f"{annotations}: {e}")
+    result["num_invalid_annotations"] = num_invalid
+    result["num_skipped_videos"] = missing
+    if num_invalid or missing:
+        result["notes"].append(f"{num_invalid} invalid annotation(s) left out; {missing} sample(s) whose video "
+                               f"could not be used scored as misses")
+    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+        json.dump(predictions, f, indent=1)
+    with open(os.path.join(out_dir, "benchmark_records.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"benchmark": benchmark, "result": result, "generation": metrics}, f, indent=2,
+                  default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
+    print(benchmark_table(result), flush=True)
+    print(f"predictions: {out_dir}/predictions.json  records: {out_dir}/benchmark_records.json  "
+          f"metrics: {out_dir}/metrics.json  (elapsed {format_seconds(time.time() - start)})", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,347 @@
+"""launch/infer.py and launch/evaluate.py end to end on a tiny checkpoint, the checkpoint
+loader's layouts and errors, and the dependency-free evidence plot."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFER = os.path.join(ROOT, "launch", "infer.py")
+EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
+NUM_DEVICES = 8
+
+
+def run_launcher(script, *args, devices=NUM_DEVICES, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def smoke_config(data_dir):
+    sys.path.insert(0, ROOT)
+    from configs import synthetic as synthetic_config
+    cfg = synthetic_config.get_config("smoke")
+    cfg.synthetic.out_dir = str(data_dir)
+    for field, name in (("train_annotations", "train.json"), ("eval_annotations", "val.json"),
+                        ("llm_tokenizer", "tokenizer.json"), ("qformer_vocab", "vocab.txt")):
+        cfg.data[field] = os.path.join(str(data_dir), name)
+    cfg.stages = ("sft",)
+    cfg.eval_batch_size = NUM_DEVICES      # one row per fake device
+    return cfg
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A minimal reader for the PNGs plot.encode_png writes (8-bit RGB, filter 0)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.setdefault(kind, b"")
+        chunks[kind] += body
+        pos += 12 + length
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 2) and b"IEND" in chunks
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert np.all(raw[:, 0] == 0)
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def crafted_params(model_cfg, tokenizer, last_prompt_token: int) -> dict:
+    """Random params (numpy, instant: no init compile) in which greedy decoding answers every
+    prompt with ``<evi></evi><|end|>``: the LLM's token embeddings dominate its residual
+    stream, and the lm_head column of each next token is the (normalized) embedding of the
+    token before it. The grounding heads are random, so each <evi> gets its interval from a
+    real (random) grounding curve through the real decode path."""
+    from flax import traverse_util
+    from d2vlm_jax import sharding
+    from d2vlm_jax.train.loop import abstract_boxed_variables
+
+    rng = np.random.default_rng(0)
+    abstract = traverse_util.flatten_dict(sharding.unbox(abstract_boxed_variables(model_cfg))["params"], sep="/")
+    params = {}
+    for name, leaf in abstract.items():
+        if name.endswith("scale"):
+            value = np.ones(leaf.shape)
+        elif name.endswith("bias"):
+            value = np.zeros(leaf.shape)
+        else:
+            std = 1.0 if name == "llm/embed_tokens/embedding" else (0.5 if "_head/" in name else 0.02)
+            value = rng.normal(0.0, std, leaf.shape)
+        params[name] = value.astype(leaf.dtype)
+    embedding, lm_head = params["llm/embed_tokens/embedding"], params["llm/lm_head/kernel"]
+    for before, after in ((last_prompt_token, tokenizer.evi_id), (tokenizer.evi_id, tokenizer.evi_end_id),
+                          (tokenizer.evi_end_id, tokenizer.end_id)):
+        lm_head[:, after] = 20.0 * embedding[before] / np.linalg.norm(embedding[before])
+    return traverse_util.unflatten_dict(params, sep="/")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Smoke data + a training workdir with crafted params saved as the SFT export (the
+    layout train/loop.py writes: config.json, sft/export/params, sft/export/d2vlm_config.json)."""
+    from d2vlm_jax import config as cfg_lib
+    from d2vlm_jax.data import pipeline, synthetic_setup
+    from d2vlm_jax.data.template import build_prompt_example
+    from d2vlm_jax.train import checkpoint as ckpt_lib
+    from d2vlm_jax.weights.d2vlm_checkpoint import save_model_config
+
+    data_dir = tmp_path_factory.mktemp("ie_data")
+    cfg = smoke_config(data_dir)
+    synthetic_setup.ensure_synthetic_data(cfg)
+    tokenizer, qformer_tokenizer = pipeline.load_tokenizers(cfg.data)
+    model_cfg = cfg_lib.model_config(cfg, vocab_size=tokenizer.vocab_size, qformer_vocab_size=qformer_tokenizer.vocab_size)
+    prompt = build_prompt_example({"question": "q"}, frame_times=np.zeros(2, np.float32), tokenizer=tokenizer,
+                                  qformer_tokenizer=qformer_tokenizer,
+                                  config=pipeline.template_config(cfg.data, tokenizer, train=False))
+    params = crafted_params(model_cfg, tokenizer, int(prompt["prefix_ids"][-1]))
+    workdir = tmp_path_factory.mktemp("ie_workdir")
+    with open(workdir / "config.json", "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    export = workdir / "sft" / "export"
+    ckpt_lib.save_params(str(export / "params"), params)
+    save_model_config(str(export), model_cfg)
+    return {"workdir": str(workdir), "data_dir": str(data_dir), "config": cfg, "model_cfg": model_cfg}
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_locate_checkpoint_layouts_and_errors(checkpoint, tmp_path):
+    from d2vlm_jax.inference import runner
+
+    wd = checkpoint["workdir"]
+    layout = runner.locate_checkpoint(wd)
+    assert layout.kind == "workdir" and layout.stage == "sft"
+    assert layout.params_dir == os.path.join(wd, "sft", "export", "params")
+    for given in (os.path.join(wd, "sft"), os.path.join(wd, "sft", "export"),
+                  os.path.join(wd, "sft", "export", "params")):
+        other = runner.locate_checkpoint(given)
+        assert other.kind == "export" and other.params_dir == layout.params_dir and other.workdir == wd
+    # an imported checkpoint: params/ + d2vlm_config.json + tokenizer files, no training config
+    imported = tmp_path / "imported"
+    shutil.copytree(os.path.join(wd, "sft", "export"), imported)
+    with pytest.raises(runner.CheckpointError, match="tokenizer.json"):
+        runner.load_checkpoint(imported)
+    shutil.copy(os.path.join(checkpoint["data_dir"], "tokenizer.json"), imported)
+    with pytest.raises(runner.CheckpointError, match="vocab.txt"):
+        runner.load_checkpoint(imported)
+    shutil.copy(os.path.join(checkpoint["data_dir"], "vocab.txt"), imported)
+    loaded = runner.load_checkpoint(imported)
+    assert loaded.layout.kind == "imported" and loaded.model_config == dataclasses_replace_rules(
+        checkpoint["model_cfg"], loaded.model_config)
+    # the workdir without d2vlm_config.json (runs before the export wrote it): rebuilt from config.json
+    old = tmp_path / "old_run"
+    shutil.copytree(wd, old)
+    os.remove(old / "sft" / "export" / "d2vlm_config.json")
+    assert runner.locate_checkpoint(old).model_config_dir is None
+    assert runner.load_checkpoint(old).model_config == checkpoint["model_cfg"]
+    # errors name what is missing
+    with pytest.raises(runner.CheckpointError, match="does not exist"):
+        runner.locate_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(runner.CheckpointError, match="no params/"):
+        runner.locate_checkpoint(tmp_path / "empty")
+    os.remove(imported / "d2vlm_config.json")
+    with pytest.raises(runner.CheckpointError, match="no d2vlm_config.json"):
+        runner.locate_checkpoint(imported)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(os.path.join(wd, "config.json"), unfinished)
+    with pytest.raises(runner.CheckpointError, match="no exported params"):
+        runner.locate_checkpoint(unfinished)
+
+
+def dataclasses_replace_rules(expected, loaded):
+    """``expected`` with the sharding rules of ``loaded`` (d2vlm_config.json leaves them out)."""
+    import dataclasses
+    return dataclasses.replace(expected, llm=dataclasses.replace(expected.llm,
+                                                                 sharding_rules=loaded.llm.sharding_rules))
+
+
+def test_params_that_do_not_fit_are_named(checkpoint, tmp_path):
+    from d2vlm_jax.inference import runner
+    from d2vlm_jax.weights.d2vlm_checkpoint import save_model_config
+    import dataclasses
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint["workdir"], bad)
+    cfg = checkpoint["model_cfg"]
+    save_model_config(bad / "sft" / "export", dataclasses.replace(cfg, llm=dataclasses.replace(
+        cfg.llm, intermediate_size=cfg.llm.intermediate_size * 2)))
+    with pytest.raises(runner.CheckpointError, match="shape mismatch for llm/layers_0/mlp"):
+        runner.load_checkpoint(bad)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_evidence_figure_and_png_roundtrip(tmp_path):
+    from d2vlm_jax.inference import plot
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8)
+    curve = np.linspace(0.1, 0.9, 10).astype(np.float32)
+    image = plot.evidence_figure(frames, np.arange(10.0), [curve, None], [(6, 9), (2, 3)],
+                                 ["<evi> 1 (grounding): 6.0 - 9.0 s", "<evi> 2"], title="a title")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    shade = np.all(image == np.array(plot.SHADE, np.uint8), axis=-1)
+    cols = np.flatnonzero(shade.any(0))
+    cell = (image.shape[1] - 44 - 16) // 10
+    # the first panel's shading covers exactly frames 6..9, the second's frames 2..3
+    assert cols.min() == 44 + 2 * cell and cols.max() == 44 + 10 * cell - 1
+    assert np.all(np.all(image == np.array(plot.CURVE, np.uint8), axis=-1).sum() > 0)
+    path = tmp_path / "x.png"
+    plot.write_png(str(path), image)
+    np.testing.assert_array_equal(decode_png(path.read_bytes()), image)
+    with pytest.raises(ValueError, match="2 curves, 1 intervals"):
+        plot.evidence_figure(frames, np.arange(10.0), [curve, curve], [(0, 1)], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def test_infer_end_to_end_with_plot(checkpoint, tmp_path):
+    from d2vlm_jax.inference import plot
+
+    samples = json.load(open(os.path.join(checkpoint["data_dir"], "val.json")))
+    tvg = next(s for s in samples if s["task"] == "tvg")
+    video = os.path.join(checkpoint["data_dir"], tvg["video"])
+    png = tmp_path / "evidence.png"
+    result = run_launcher(INFER, "--checkpoint", checkpoint["workdir"], "--video", video, "--question",
+                          tvg["question"], "--max_new_tokens", 12, "--plot", png, devices=1)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    # the crafted params answer <evi></evi><|end|>: one grounding interval, an empty answer
+    assert "answer: " in lines
+    grounded = [line for line in lines if line.startswith("grounded intervals (s): ")]
+    evi = [line for line in lines if line.strip().startswith("<evi> 1 [grounding] frames ")]
+    assert len(grounded) == 1 and len(evi) == 1 and not any("<evi> 2" in line for line in lines)
+    start, end = (float(x) for x in grounded[0].split(": ")[1].split(" - "))
+    assert 0.0 <= start <= end <= tvg["duration"] and f"= {start:.1f} - {end:.1f} s" in evi[0]
+    image = decode_png(png.read_bytes())
+    assert image.shape[0] > 150 and image.shape[1] >= 480
+    for color in (plot.SHADE, plot.CURVE, plot.MARK):   # interval, curve and strip mark are drawn
+        assert np.all(image == np.array(color, np.uint8), axis=-1).any(), color
+
+
+def test_launcher_errors_are_clear(checkpoint, tmp_path):
+    missing = run_launcher(INFER, "--checkpoint", tmp_path / "nope", "--video", "x.mp4", "--question", "q")
+    assert missing.returncode == 2 and f"checkpoint directory {tmp_path / 'nope'} does not exist" in missing.stderr
+    no_video = run_launcher(INFER, "--checkpoint", checkpoint["workdir"], "--video", tmp_path / "none.mp4",
+                            "--question", "q")
+    assert no_video.returncode == 2 and f"video {tmp_path / 'none.mp4'}: file not found" in no_video.stderr
+    no_ckpt = run_launcher(EVALUATE, "--checkpoint", tmp_path / "nope", "--annotations", "x.json")
+    assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_launcher(EVALUATE, "--checkpoint", tmp_path / "empty", "--annotations",
+                         os.path.join(checkpoint["data_dir"], "val.json"))
+    assert empty.returncode == 2 and "no params/" in empty.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_matches_training_evaluation(checkpoint, tmp_path):
+    """evaluate.py on the smoke val set == train/evaluation.py's evaluate() for the same params,
+    set up as train/loop.py's final evaluation sets it up."""
+    import jax
+    from d2vlm_jax import sharding
+    from d2vlm_jax.data import pipeline
+    from d2vlm_jax.models.d2vlm import D2VLM
+    from d2vlm_jax.train import checkpoint as ckpt_lib
+    from d2vlm_jax.train import evaluation
+    from d2vlm_jax.train.loop import abstract_boxed_variables
+
+    out_dir = tmp_path / "eval"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+    launched_process = subprocess.Popen(   # runs while the reference is computed below
+        [sys.executable, EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations",
+         os.path.join(checkpoint["data_dir"], "val.json"), "--output_dir", str(out_dir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cfg, model_cfg = checkpoint["config"], checkpoint["model_cfg"]
+    tokenizers = pipeline.load_tokenizers(cfg.data)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    params = ckpt_lib.load_params(os.path.join(checkpoint["workdir"], "sft", "export", "params"))
+    reference_predictions: list = []
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, sharding.shardings_for(abstract_boxed_variables(model_cfg), mesh,
+                                                               model_cfg.llm.sharding_rules)["params"])
+        reference = evaluation.evaluate(cfg, D2VLM(model_cfg), params, "final", tokenizers, mesh,
+                                        predictions=reference_predictions)
+    stdout, stderr = launched_process.communicate(timeout=300)
+    assert launched_process.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "[eval] batch 2/2 (100%)" in stdout and "ETA" in stdout and "held-out evaluation" in stdout
+    launched = json.load(open(out_dir / "metrics.json"))
+    predictions = json.load(open(out_dir / "predictions.json"))
+
+    # not vacuous: every sample got a grounding interval from the model, IoUs are not all 0
+    assert reference["tvg/num"] == 3.0 and reference["tvg/mIoU"] > 0
+    assert all(len(p["grounding_frames"]) == 1 for p in reference_predictions) and len(reference_predictions) == 9
+    assert launched["model"] == reference   # the same code path: bit-identical numbers
+    assert predictions == sorted(reference_predictions, key=lambda p: p["index"])
+    assert "most_common_train_interval" in launched["video_blind"]
+
+
+def test_evaluate_charades_benchmark(checkpoint, tmp_path):
+    """A Charades-STA-format file: converted, generated, scored by metrics.py (R@0.3/0.5/0.7, mIoU)."""
+    from d2vlm_jax.evaluation import metrics as metrics_lib
+
+    samples = [s for s in json.load(open(os.path.join(checkpoint["data_dir"], "val.json"))) if s["task"] == "tvg"]
+    records = [{"video": s["video"], "duration": s["duration"], "query": f"the {k} thing.",
+                "timestamp": s["events"][0]} for k, s in enumerate(samples)]
+    records.append({"video": "videos/missing.mp4", "duration": 5.0, "query": "gone", "timestamp": [1, 2]})
+    records.append({"video": "videos/bad.mp4", "duration": 5.0, "timestamp": [1, 2]})   # no query: invalid
+    annotations = tmp_path / "charades.json"
+    annotations.write_text(json.dumps(records))
+    result = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations", annotations,
+                          "--video_root", checkpoint["data_dir"], "--benchmark", "charades",
+                          "--output_dir", tmp_path / "out", "--max_new_tokens", 12)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))["result"]
+    bench = json.load(open(tmp_path / "out" / "benchmark_records.json"))
+    assert len(bench) == 4 and bench[-1]["a"] == "" and metrics["num_skipped_videos"] == 1
+    assert metrics["num_invalid_annotations"] == 1
+    charades = metrics["tasks"]["charades_sta"]["sources"]["default"]
+    assert set(charades) >= {"R@0.3", "R@0.5", "R@0.7", "mIoU"} and charades["num_samples"] == 4
+    # the same records scored directly give the same numbers
+    assert metrics_lib.evaluate_predictions(bench)["tasks"]["charades_sta"]["sources"]["default"] == charades
+    assert "charades_sta" in result.stdout and "R@0.5" in result.stdout
+
+
+def test_etbench_conversion_and_scoring():
+    """E.T. Bench records -> project samples (question from ``q``, <image> removed) and back to
+    scored records with the model's answers."""
+    import importlib.util
+    from d2vlm_jax.evaluation import metrics as metrics_lib
+
+    spec = importlib.util.spec_from_file_location("ie_evaluate_launcher", EVALUATE)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    raw = [{"idx": 7, "task": "tvg", "source": "charades_sta", "video": "a.mp4", "duration": 10.0,
+            "q": "<image>\nWhen does the man sit down?", "tgt": [[2.0, 4.0]]},
+           {"idx": 8, "task": "rar", "source": "perception_test", "video": "b.mp4", "duration": 8.0,
+            "q": "Which action happens first? (A) sit (B) run", "o": ["sit", "run"], "p": 1},
+           {"idx": 9, "task": "tvg", "video": "c.mp4", "q": "no duration given"}]
+    samples, index, invalid = launcher.to_schema(raw, "etbench", "etbench.json")
+    assert index == [0, 1] and invalid == 1
+    assert samples[0].question == "When does the man sit down?" and samples[0].answer == "" and not samples[0].events
+    answers = ["It happens at 2.0 - 4.0.", "(B) run"]
+    records = [launcher.benchmark_record("etbench", raw[i], a, i) for i, a in zip(index, answers)]
+    assert records[0] == {"idx": 7, "task": "tvg", "source": "charades_sta", "video": "a.mp4", "tgt": [[2.0, 4.0]],
+                          "a": answers[0]}
+    result = metrics_lib.evaluate_predictions(records)
+    assert result["tasks"]["tvg"]["score"] == 1.0 and result["tasks"]["rar"]["score"] == 1.0
+    wrong = [launcher.benchmark_record("etbench", raw[i], a, i) for i, a in zip(index, ["6.0 - 9.0", "(A) sit"])]
+    result = metrics_lib.evaluate_predictions(wrong)
+    assert result["tasks"]["tvg"]["score"] == 0.0 and result["tasks"]["rar"]["score"] == 0.0
+    assert "tvg" in launcher.benchmark_table(result)
