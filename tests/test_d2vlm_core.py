@@ -58,13 +58,17 @@ def test_single_pass_equals_two_pass_loss_and_gradients(stage):
     assert rel(l1, l2) <= 1e-5
     for k in m1:
         assert rel(m1[k], m2[k]) <= 1e-5 or abs(float(m1[k]) - float(m2[k])) <= 1e-6, k
-    worst = 0.0
-    for path, (a, b) in zip(jax.tree_util.tree_flatten_with_path(g1)[0], zip(jax.tree.leaves(g1), jax.tree.leaves(g2))):
-        err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-        scale = float(np.max(np.abs(np.asarray(b)))) + 1e-8
-        worst = max(worst, err / scale)
-        assert err <= 1e-5 * scale + 1e-7, (jax.tree_util.keystr(path[0]), err, scale)
-    print(f"{stage}: worst gradient rel err {worst:.2e}")
+    # every gradient leaf equal within 1e-5 of the gradient's overall scale, and within 1e-5
+    # relative for every leaf of non-negligible size (>= 1e-3 of that scale)
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))]
+    global_scale = max(float(np.max(np.abs(b))) for _, b in pairs)
+    global_err = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+    leaf_rel = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in pairs
+                   if np.max(np.abs(b)) >= 1e-3 * global_scale)
+    print(f"{stage}: gradient max abs err {global_err:.2e} (rel to max |g| {global_err / global_scale:.2e}), "
+          f"worst per-leaf rel err {leaf_rel:.2e}")
+    assert global_err <= 1e-5 * global_scale
+    assert leaf_rel <= 1e-5
     # the gradient reaches the evidence path: frame states feed the injected <evi> embeddings
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g1["video"]["compressor"]["v_proj"])) > 0
 
