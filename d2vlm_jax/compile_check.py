@@ -1,0 +1,452 @@
+"""Deviceless compile check: the real train step compiled for a Cloud TPU topology on a CPU host.
+
+``check(config, topology="v5p:2x2x1", stage="sft")`` builds exactly what
+``train.loop.train_stage`` jits (model, optimizer, micro-batches, remat policy, parameter and
+optimizer-state shardings from ``jax.eval_shape``, donation of the state) on a mesh of
+*compile-only* TPU devices (``jax.experimental.topologies.get_topology_desc``), lowers it with
+abstract inputs (``jax.ShapeDtypeStruct`` carrying ``NamedSharding``; the batch at the config's
+largest buckets, as ``shape_policy="max"`` pads every multi-host batch) and compiles it with
+libtpu. Nothing is allocated: a full-size plan is checked in minutes on a laptop.
+
+The report (:class:`CompileReport`) gives per-chip memory from ``compiled.memory_analysis()``
+(arguments, temporaries, outputs, aliased = donated bytes, total vs the chip's HBM), FLOPs per
+step from ``compiled.cost_analysis()`` (hardware FLOPs: remat recomputation included), the
+model FLOPs of the same program without rematerialization (``lowered.cost_analysis()`` of the
+remat-free program lowered for the host CPU, not compiled), the roofline step time ``FLOPs / (chips x peak)`` and the
+MFU implied by an assumed hardware utilization. An out-of-memory plan (XLA's
+RESOURCE_EXHAUSTED, or a total above HBM) is reported with its shortfall.
+
+Needs the ``tpu`` extra (``pip install 'jax[tpu]==0.10.2'``, libtpu); :class:`NoLibtpuError`
+says so when it is missing. Set ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` (several checks at once) and
+``TPU_LOG_DIR`` (libtpu's log files) before JAX starts; :func:`set_libtpu_env` does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import ml_collections
+
+from d2vlm_jax import batch as batch_lib
+from d2vlm_jax import config as cfg_lib
+from d2vlm_jax import partition, sharding
+from d2vlm_jax.models.d2vlm import D2VLM, D2VLMConfig
+from d2vlm_jax.testing import random_batch
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """One TPU generation: HBM and peak dense bf16 FLOP/s per chip (public Cloud TPU figures)."""
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float
+
+
+CHIPS: dict[str, ChipSpec] = {
+    "v4": ChipSpec("v4", 32 * GIB, 275e12),
+    "v5e": ChipSpec("v5e", 16 * GIB, 197e12),
+    "v5p": ChipSpec("v5p", 95 * GIB, 459e12),
+    "v6e": ChipSpec("v6e", 32 * GIB, 918e12),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+class NoLibtpuError(RuntimeError):
+    """libtpu (the ``tpu`` extra) is not installed, so TPU programs cannot be compiled here."""
+
+
+class CompileCheckError(ValueError):
+    """A bad topology / plan request (the message names the argument)."""
+
+
+def set_libtpu_env(log_dir: str | None = None) -> None:
+    """Environment libtpu needs for compile-only use on a host without TPUs (call before JAX
+    initializes a backend): several libtpu users at once, logs in ``log_dir``, and no probing
+    of the (absent) TPU metadata server."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_LOG_DIR", log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "tpu_logs"))
+    os.makedirs(os.environ["TPU_LOG_DIR"], exist_ok=True)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's probe for pod workers
+
+
+def chip_of(topology: str) -> ChipSpec:
+    """``"v5p:2x2x1"`` -> the v5p :class:`ChipSpec`."""
+    gen = topology.split(":", 1)[0].strip().lower()
+    gen = _ALIASES.get(gen, gen)
+    if gen not in CHIPS:
+        raise CompileCheckError(f"--topology {topology!r}: unknown TPU generation {gen!r}; known {sorted(CHIPS)}")
+    return CHIPS[gen]
+
+
+def chips_in(topology: str) -> int:
+    """Chips of one slice from the topology name (``"v5e:4x4"`` -> 16)."""
+    try:
+        dims = [int(d) for d in topology.split(":", 1)[1].lower().split("x")]
+    except (IndexError, ValueError):
+        raise CompileCheckError(f"--topology {topology!r}: expected '<generation>:<AxB[xC]>', e.g. 'v5p:2x2x1'")
+    return math.prod(dims)
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """Compile-only TPU devices of ``num_slices`` slices of ``topology``.
+
+    Raises:
+      NoLibtpuError: libtpu is not installed (or cannot start) on this host.
+    """
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise NoLibtpuError(
+            "the TPU compile check needs libtpu, which is not installed in this environment: "
+            "install the project's tpu extra (pip install -e '.[tpu]' or pip install 'jax[tpu]==0.10.2')") from e
+    from jax.experimental import topologies
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+    except Exception as e:  # noqa: BLE001 - libtpu reports bad names as generic runtime errors
+        raise CompileCheckError(f"--topology {topology!r} (num_slices={num_slices}) is not a topology libtpu "
+                                f"knows: {e}") from e
+
+
+def topology_mesh(mesh_sizes: Mapping[str, int], devices: Sequence[Any], num_slices: int = 1) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over the topology's devices. With several slices the
+    ``data`` axis spans the slices (DCN) and ``fsdp``/``tensor`` stay inside one slice (ICI)."""
+    sizes = sharding.resolve_mesh_shape(dict(mesh_sizes), len(devices))
+    if num_slices == 1:
+        return sharding.make_mesh(sizes, devices=devices)
+    if sizes["data"] % num_slices:
+        raise CompileCheckError(f"mesh {sizes}: with {num_slices} slices the data axis must be a multiple of "
+                                f"{num_slices} (it spans the slices)")
+    from jax.experimental import mesh_utils
+    ici = [sizes["data"] // num_slices, sizes["fsdp"], sizes["tensor"]]
+    arr = mesh_utils.create_hybrid_device_mesh(ici, [num_slices, 1, 1], devices=devices)
+    return jax.sharding.Mesh(arr, sharding.MESH_AXES)
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One point of the search space."""
+    mesh: tuple[int, int, int]   # (data, fsdp, tensor)
+    remat_policy: str
+    micro_batches: int
+    batch_size: int
+
+    def label(self) -> str:
+        d, f, t = self.mesh
+        return f"mesh d{d}/f{f}/t{t} remat={self.remat_policy} micro={self.micro_batches} batch={self.batch_size}"
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Figures of one compiled plan, per chip unless named otherwise."""
+    topology: str
+    num_slices: int
+    stage: str
+    plan: Plan
+    batch_shapes: dict[str, tuple[int, ...]]
+    chip: ChipSpec
+    num_devices: int
+    num_chips: int
+    compile_seconds: float = 0.0
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    alias_bytes: int = 0
+    code_bytes: int = 0
+    flops_per_device: float = 0.0          # XLA cost analysis of the compiled (partitioned) step,
+                                           # micro-batch loop body x micro_batches
+    model_flops: float | None = None       # whole step, remat-free program, host-lowered cost analysis
+    error: str | None = None               # compile failure (e.g. RESOURCE_EXHAUSTED)
+    oom: bool = False
+
+    @property
+    def hbm_per_device(self) -> int:
+        return self.chip.hbm_bytes * self.num_chips // self.num_devices
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak live bytes: arguments + outputs + temporaries - donated (aliased) + code."""
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.error is None and not self.oom and self.total_bytes <= self.hbm_per_device
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(0, self.total_bytes - self.hbm_per_device)
+
+    @property
+    def step_flops(self) -> float:
+        """Hardware FLOPs of one step over all devices."""
+        return self.flops_per_device * self.num_devices
+
+    @property
+    def roofline_seconds(self) -> float:
+        """Step time at 100 % of peak bf16 FLOP/s on every chip."""
+        return self.step_flops / (self.num_chips * self.chip.peak_bf16_flops)
+
+    def step_seconds(self, utilization: float) -> float:
+        return self.roofline_seconds / utilization
+
+    def mfu(self, utilization: float) -> float | None:
+        """MFU implied when the hardware runs at ``utilization`` of peak: model FLOPs (no
+        recomputation) per second over the peak. ``None`` without model FLOPs."""
+        if not self.model_flops or not self.step_flops:
+            return None
+        return utilization * self.model_flops / self.step_flops
+
+    def format(self, utilization: float = 0.4) -> str:
+        g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        lines = [f"topology {self.topology}" + (f" x {self.num_slices} slices" if self.num_slices > 1 else "")
+                 + f": {self.num_chips} chips, {self.num_devices} devices ({self.chip.name}, "
+                 f"{g(self.hbm_per_device)} HBM per device, {self.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
+                 f"stage {self.stage}; {self.plan.label()}",
+                 "batch " + ", ".join(f"{k}{list(v)}" for k, v in self.batch_shapes.items()
+                                      if k in ("frames", "prefix_ids", "response_ids", "rejected_ids"))]
+        if self.error is not None:
+            lines.append(("OUT OF MEMORY (XLA): " if self.oom else "COMPILE FAILED: ") + self.error)
+            return "\n".join(lines)
+        lines += [f"compiled in {self.compile_seconds:.1f} s",
+                  f"memory per device: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
+                  f"temporaries {g(self.temp_bytes)}, aliased (donated) {g(self.alias_bytes)}, code {g(self.code_bytes)}",
+                  f"total {g(self.total_bytes)} of {g(self.hbm_per_device)} HBM "
+                  f"({100 * self.total_bytes / self.hbm_per_device:.0f}%)"
+                  + ("" if self.fits else f" -> DOES NOT FIT, short by {g(self.shortfall_bytes)}"),
+                  f"FLOPs per step: {self.step_flops:.4g} (hardware, {self.flops_per_device:.4g} per device)"
+                  + (f"; model (no remat) {self.model_flops:.4g}" if self.model_flops else ""),
+                  f"roofline step time {self.roofline_seconds * 1e3:.3g} ms at 100% of peak; "
+                  f"{self.step_seconds(utilization) * 1e3:.3g} ms at {100 * utilization:.0f}% hardware utilization"
+                  + (f" = {100 * self.mfu(utilization):.1f}% MFU" if self.mfu(utilization) is not None else "")]
+        return "\n".join(lines)
+
+
+def batch_shapes(config: ml_collections.ConfigDict, model_cfg: D2VLMConfig, stage: str,
+                 batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract global batch at the config's largest buckets (``shape_policy="max"``).
+
+    Shapes follow :func:`d2vlm_jax.testing.random_batch` (the batch contract), e.g.
+    ``frames uint8[B, N, S, S, 3]``, ``prefix_ids int32[B, P]``, ``rejected_ids int32[B, C, R]``.
+    """
+    from d2vlm_jax.data import pipeline
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    for k, v in config[stage].get("data", ml_collections.ConfigDict()).items():
+        data_cfg[k] = v
+    buckets = pipeline.buckets_from_config(data_cfg)
+    top = {k: max(v) for k, v in buckets.items()}
+    example = random_batch(model_cfg, seed=0, batch=1, frames=top["N"], qformer_len=top["L"], prefix=top["P"],
+                           response=top["R"], evidence=top["M"], events=top["K"], question_evidence=top["Q"],
+                           rejected=top["C"] if stage == "fpo" else 0)
+    keys = batch_lib.FPO_KEYS if stage == "fpo" else batch_lib.SFT_KEYS
+    return {k: jax.ShapeDtypeStruct((batch_size,) + example[k].shape[1:], example[k].dtype) for k in keys}
+
+
+def _with_plan(config: ml_collections.ConfigDict, stage: str, plan: Plan) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.mesh = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, plan.mesh)))
+    c.model.llm.remat_policy = plan.remat_policy
+    c[stage].micro_batches = plan.micro_batches
+    c[stage].batch_size = plan.batch_size
+    return c
+
+
+def plan_of(config: ml_collections.ConfigDict, stage: str, num_devices: int) -> Plan:
+    sizes = sharding.resolve_mesh_shape(config.mesh.to_dict(), num_devices)
+    return Plan(mesh=tuple(sizes[a] for a in sharding.MESH_AXES), remat_policy=config.model.llm.remat_policy,
+                micro_batches=int(config[stage].micro_batches), batch_size=int(config[stage].batch_size))
+
+
+def _lower(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh | None, model_cfg: D2VLMConfig,
+           batch_abstract: Mapping[str, jax.ShapeDtypeStruct]):
+    """Lowers the train step exactly as ``loop.train_stage`` jits it (shardings, donation).
+    ``mesh=None``: unsharded, for the default (CPU) backend (model FLOPs only)."""
+    from d2vlm_jax.train import loop
+    from d2vlm_jax.train import optimizer as optim_lib
+    from d2vlm_jax.train.step import init_state, make_train_step
+    stage_cfg = config[stage]
+    rules = model_cfg.llm.sharding_rules
+    patterns = cfg_lib.trainable_patterns(config)
+    loss_cfg = cfg_lib.loss_config(config)
+    model = D2VLM(model_cfg)
+    boxed = loop.abstract_boxed_variables(model_cfg)
+    if mesh is None:  # unsharded CPU lowering: cost analysis of the program as written
+        params_abstract = sharding.unbox(boxed)["params"]
+        trainable_abs, frozen_abs = partition.split(params_abstract, patterns)
+        tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, 1000)
+        state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable_abs)
+        reference = params_abstract if stage == "fpo" and loss_cfg.fpo_reference == "frozen_params" else None
+        step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
+                                  dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
+        return jax.jit(step_fn).lower(state_abstract, frozen_abs, dict(batch_abstract), reference)
+    param_sh = sharding.shardings_for(boxed, mesh, rules)["params"]
+    t_sh, f_sh = partition.split(param_sh, patterns)
+    params_abstract = sharding.unbox(boxed)["params"]
+    trainable_abs, frozen_abs = partition.split(params_abstract, patterns)
+    # the schedule length only changes constants of the program, not its shape or cost
+    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, 1000)
+    state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable_abs)
+    state_sh = loop.state_shardings(state_abstract, t_sh, mesh)
+    place = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    reference = reference_sh = None
+    if stage == "fpo" and loss_cfg.fpo_reference == "frozen_params":
+        reference, reference_sh = place(params_abstract, param_sh), param_sh
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape), rules))
+             for k, v in batch_abstract.items()}
+    step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
+                              dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, f_sh, None, reference_sh),
+                         out_shardings=(state_sh, None), donate_argnums=0)
+        return jitted.lower(place(state_abstract, state_sh), place(frozen_abs, f_sh), batch, reference)
+
+
+def _is_oom(message: str) -> bool:
+    return "RESOURCE_EXHAUSTED" in message or re.search(r"\bout of memory\b|exceeds the .*memory", message, re.I) is not None
+
+
+def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft", num_slices: int = 1,
+          plan: Plan | None = None, devices: Sequence[Any] | None = None, model_flops: bool = True) -> CompileReport:
+    """Compiles the train step of ``config`` (or of ``plan`` applied to it) for ``topology``.
+
+    Args:
+      config: an experiment config (``configs/*.py``); ``model.llm.vocab_size`` and
+        ``model.video.qformer.vocab_size`` must be set (> 0), as they are for full-size configs.
+      topology: Cloud TPU topology name, e.g. ``"v5p:2x2x1"``, ``"v5e:4x4"``.
+      stage: ``"sft"`` or ``"fpo"``.
+      num_slices: slices joined over DCN (multi-slice); the data axis spans them.
+      plan: mesh / remat / micro-batches / batch size to use instead of the config's.
+      devices: the topology's devices (reuse across many checks).
+      model_flops: also lower (not compile) the remat-free program for model FLOPs / MFU.
+
+    Returns:
+      A :class:`CompileReport`; a compile failure (out of memory or otherwise) is recorded in
+      ``error`` rather than raised.
+    """
+    if stage not in ("sft", "fpo"):
+        raise CompileCheckError(f"--stage must be 'sft' or 'fpo', got {stage!r}")
+    if stage not in config:
+        raise CompileCheckError(f"the config has no {stage!r} section")
+    chip = chip_of(topology)
+    devices = list(devices) if devices is not None else topology_devices(topology, num_slices)
+    plan = plan or plan_of(config, stage, len(devices))
+    config = _with_plan(config, stage, plan)
+    for field, value in (("model.llm.vocab_size", config.model.llm.vocab_size),
+                         ("model.video.qformer.vocab_size", config.model.video.qformer.vocab_size)):
+        if not value:
+            raise CompileCheckError(f"config.{field} is 0 (taken from the tokenizer at training time); set it, "
+                                    f"e.g. --config.{field}=32064")
+    stage_cfg = config[stage]
+    try:
+        mesh_sizes = cfg_lib.check_mesh_and_batch(config, len(devices), 1, stage_cfg.batch_size,
+                                                  stage_cfg.micro_batches, f"config.{stage}")
+    except cfg_lib.ConfigError as e:
+        raise CompileCheckError(str(e)) from e
+    model_cfg = cfg_lib.model_config(config)
+    mesh = topology_mesh(mesh_sizes, devices, num_slices)
+    batch_abs = batch_shapes(config, model_cfg, stage, stage_cfg.batch_size)
+    report = CompileReport(topology=topology, num_slices=num_slices, stage=stage, plan=plan,
+                           batch_shapes={k: tuple(v.shape) for k, v in batch_abs.items()}, chip=chip,
+                           num_devices=len(devices), num_chips=chips_in(topology) * num_slices)
+    t0 = time.time()
+    try:
+        compiled = _lower(config, stage, mesh, model_cfg, batch_abs).compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError / XlaRuntimeError
+        message = str(e)
+        report.error = message.strip().splitlines()[0][:600] if message.strip() else type(e).__name__
+        report.oom = _is_oom(message)
+        report.compile_seconds = time.time() - t0
+        return report
+    report.compile_seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    report.argument_bytes = int(mem.argument_size_in_bytes)
+    report.output_bytes = int(mem.output_size_in_bytes)
+    report.temp_bytes = int(mem.temp_size_in_bytes)
+    report.alias_bytes = int(mem.alias_size_in_bytes)
+    report.code_bytes = int(mem.generated_code_size_in_bytes)
+    report.oom = report.total_bytes > report.hbm_per_device
+    # XLA's cost analysis counts a while-loop body once: the micro-batch scan runs it M times
+    # (this also counts the optimizer update M times: < 0.01 % of a full-size step)
+    report.flops_per_device = float(_cost(compiled).get("flops", 0.0)) * plan.micro_batches
+    if model_flops:
+        no_remat = _with_plan(config, stage, dataclasses.replace(plan, remat_policy="none"))
+        try:  # libtpu's compile-only client has no cost model for unoptimized HLO: lower for the host
+            lowered = _lower(no_remat, stage, None, cfg_lib.model_config(no_remat), batch_abs)
+            report.model_flops = float(_cost(lowered).get("flops", 0.0)) * plan.micro_batches or None
+        except Exception:  # noqa: BLE001 - model FLOPs are an extra; the report stands without them
+            report.model_flops = None
+    return report
+
+
+def _cost(obj) -> dict:
+    cost = obj.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+# ------------------------------------------------------------------------------ sweep
+
+
+def mesh_candidates(num_devices: int, tensor_sizes: Iterable[int] = (1, 2, 4)) -> list[tuple[int, int, int]]:
+    """(data, fsdp, tensor) splits of the devices: tensor from ``tensor_sizes``; the rest
+    either all fsdp, all data, or (when square-ish) both."""
+    out = []
+    for t in tensor_sizes:
+        if num_devices % t:
+            continue
+        rest = num_devices // t
+        for d in sorted({1, rest} | {d for d in (2, 4) if rest % d == 0 and d < rest}):
+            out.append((d, rest // d, t))
+    return list(dict.fromkeys(out))
+
+
+def sweep_plans(config: ml_collections.ConfigDict, stage: str, num_devices: int, *,
+                meshes: Sequence[tuple[int, int, int]] | None = None, remat_policies: Sequence[str] = REMAT_POLICIES,
+                micro_batches: Sequence[int] | None = None, batch_size: int | None = None) -> list[Plan]:
+    """The valid plans of a sweep: every (mesh, remat, micro-batches) whose micro-batch is
+    divisible by ``data * fsdp``."""
+    batch = int(batch_size or config[stage].batch_size)
+    meshes = meshes or mesh_candidates(num_devices)
+    micro_batches = micro_batches or sorted({m for m in (1, 2, 4, 8) if batch % m == 0}
+                                            | {int(config[stage].micro_batches)})
+    plans = []
+    for mesh, remat, micro in itertools.product(meshes, remat_policies, micro_batches):
+        if math.prod(mesh) != num_devices or batch % micro or (batch // micro) % (mesh[0] * mesh[1]):
+            continue
+        plans.append(Plan(mesh=tuple(mesh), remat_policy=remat, micro_batches=micro, batch_size=batch))
+    return plans
+
+
+def format_table(reports: Sequence[CompileReport], utilization: float = 0.4) -> str:
+    """One row per plan: memory per device, fit, FLOPs and step time."""
+    head = f"{'mesh d/f/t':>11} {'remat':>33} {'micro':>5} {'batch':>5} {'GiB/dev':>8} {'fits':>5} " \
+           f"{'TFLOP/step':>10} {'roofline ms':>11} {'ms@' + str(int(100 * utilization)) + '%':>9} {'compile s':>9}"
+    rows = [head, "-" * len(head)]
+    for r in reports:
+        p = r.plan
+        mesh = "/".join(str(x) for x in p.mesh)
+        if r.error is not None:
+            status = "OOM" if r.oom else "error"
+            rows.append(f"{mesh:>11} {p.remat_policy:>33} {p.micro_batches:>5} {p.batch_size:>5} {'-':>8} {status:>5}  "
+                        f"{r.error[:70]}")
+            continue
+        rows.append(f"{mesh:>11} {p.remat_policy:>33} {p.micro_batches:>5} {p.batch_size:>5} "
+                    f"{r.total_bytes / GIB:8.2f} {'yes' if r.fits else 'NO':>5} {r.step_flops / 1e12:10.2f} "
+                    f"{r.roofline_seconds * 1e3:11.1f} {r.step_seconds(utilization) * 1e3:9.1f} {r.compile_seconds:9.1f}")
+    return "\n".join(rows)

@@ -1,0 +1,107 @@
+"""Deviceless TPU compile of the real train step (launch/compile_check.py, d2vlm_jax/compile_check.py).
+
+Needs the tpu extra (libtpu), which CI installs: without it these tests FAIL with a message
+saying what to install (they are never skipped).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from d2vlm_jax import compile_check as cc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5e:2x2"   # 4 chips, 16 GiB each
+VOCAB, QFORMER_VOCAB = 512, 128
+
+cc.set_libtpu_env()
+
+
+def require_libtpu() -> None:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        pytest.fail("libtpu is not installed: the compile-check tests need the project's tpu extra "
+                    "(pip install 'jax[tpu]==0.10.2', i.e. pip install -e '.[tpu]')")
+
+
+def tiny_config():
+    sys.path.insert(0, ROOT)
+    from configs import synthetic
+    c = synthetic.get_config("smoke")
+    c.model.llm.vocab_size, c.model.video.qformer.vocab_size = VOCAB, QFORMER_VOCAB
+    c.model.llm.num_layers, c.model.k_evi = 2, 1
+    c.model.video.vision.depth = c.model.video.vision.output_layer = 1
+    c.model.video.qformer.num_layers = 1
+    return c
+
+
+def test_tiny_train_step_compiles_for_a_tpu_topology():
+    require_libtpu()
+    config = tiny_config()
+    devices = cc.topology_devices(TOPOLOGY)
+    assert len(devices) == 4 and devices[0].platform == "tpu"
+    report = cc.check(config, topology=TOPOLOGY, stage="sft", devices=devices)
+    assert report.error is None, report.error
+    assert report.plan.mesh == (4, 1, 1) and report.plan.batch_size == config.sft.batch_size
+    # the batch comes from the largest buckets (shape_policy "max")
+    b = config.sft.batch_size
+    assert report.batch_shapes["frames"] == (b, 16, 56, 56, 3)
+    assert report.batch_shapes["prefix_ids"] == (b, 96) and report.batch_shapes["response_ids"] == (b, 64)
+    # arguments hold at least this device's share of the state, the frozen params and the batch
+    from d2vlm_jax.config import model_config
+    from d2vlm_jax.train import loop
+    params = jax.tree.leaves(loop.abstract_boxed_variables(model_config(config)))
+    param_bytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in params)
+    assert report.argument_bytes >= param_bytes  # (4-way data parallel: params are replicated)
+    assert report.temp_bytes > 0 and report.output_bytes > 0
+    assert report.total_bytes == (report.argument_bytes + report.output_bytes + report.temp_bytes
+                                  - report.alias_bytes + report.code_bytes)
+    assert report.alias_bytes > 0, "the train state is donated: its buffers must alias the outputs"
+    assert report.fits and report.hbm_per_device == 16 * cc.GIB
+    assert report.flops_per_device > 0 and report.model_flops and report.model_flops > 0
+    assert report.roofline_seconds == pytest.approx(report.step_flops / (4 * 197e12))
+    text = report.format(0.4)
+    assert "total" in text and "FLOPs per step" in text and "MFU" in text
+
+
+def test_plan_that_cannot_fit_is_reported_with_its_shortfall():
+    require_libtpu()
+    config = tiny_config()
+    config.model.llm.vocab_size = 4_000_000   # 2 x 2 GiB of f32 embeddings + Adam state, replicated
+    report = cc.check(config, topology=TOPOLOGY, stage="sft", model_flops=False)
+    assert not report.fits
+    assert report.oom
+    if report.error is None:   # compiled, but the buffers exceed HBM
+        assert report.shortfall_bytes > 0 and report.total_bytes > 16 * cc.GIB
+        assert "DOES NOT FIT" in report.format()
+    else:                      # XLA refused it
+        assert "RESOURCE_EXHAUSTED" in report.error or "memory" in report.error.lower()
+
+
+def test_launcher_without_libtpu_says_what_to_install(tmp_path):
+    # a `libtpu` that cannot be imported shadows the real one
+    (tmp_path / "libtpu").mkdir()
+    (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError('simulated: no libtpu')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compile_check.py"), "--config",
+                        "configs/synthetic.py:smoke", "--topology", TOPOLOGY], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "libtpu" in r.stderr and "jax[tpu]" in r.stderr
+
+
+def test_topology_parsing_and_sweep_plans():
+    assert cc.chip_of("v5p:2x2x1").hbm_bytes == 95 * cc.GIB and cc.chips_in("v5e:4x4") == 16
+    with pytest.raises(cc.CompileCheckError, match="unknown TPU generation"):
+        cc.chip_of("v9z:2x2")
+    config = tiny_config()
+    plans = cc.sweep_plans(config, "sft", 4, remat_policies=("none", "full"))
+    assert plans and all((p.batch_size // p.micro_batches) % (p.mesh[0] * p.mesh[1]) == 0 for p in plans)
+    assert {p.remat_policy for p in plans} == {"none", "full"}
+    assert (4, 1, 1) in {p.mesh for p in plans} and (1, 4, 1) in {p.mesh for p in plans}
