@@ -13,6 +13,8 @@ import zlib
 import numpy as np
 import pytest
 
+from tests.smoke_data import smoke_config as shared_smoke_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")
 EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
@@ -27,13 +29,7 @@ def run_launcher(script, *args, devices=NUM_DEVICES, timeout=300):
 
 
 def smoke_config(data_dir):
-    sys.path.insert(0, ROOT)
-    from configs import synthetic as synthetic_config
-    cfg = synthetic_config.get_config("smoke")
-    cfg.synthetic.out_dir = str(data_dir)
-    for field, name in (("train_annotations", "train.json"), ("eval_annotations", "val.json"),
-                        ("llm_tokenizer", "tokenizer.json"), ("qformer_vocab", "vocab.txt")):
-        cfg.data[field] = os.path.join(str(data_dir), name)
+    cfg = shared_smoke_config(data_dir)
     cfg.stages = ("sft",)
     cfg.eval_batch_size = NUM_DEVICES      # one row per fake device
     return cfg

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pytest
 
+from tests.smoke_data import data_flags, make_smoke_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
 NUM_PROCESSES = 2
@@ -47,14 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def data_flags(data_dir: str) -> list[str]:
-    return [f"--config.synthetic.out_dir={data_dir}",
-            f"--config.data.train_annotations={data_dir}/train.json",
-            f"--config.data.eval_annotations={data_dir}/val.json",
-            f"--config.data.llm_tokenizer={data_dir}/tokenizer.json",
-            f"--config.data.qformer_vocab={data_dir}/vocab.txt"]
 
 
 def train_flags(workdir, data_dir) -> list[str]:
@@ -186,15 +180,8 @@ def multihost_job(workdir, data_dir, cache_dir, log_dir, *, timeout=420.0, grace
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """The smoke dataset (18 training samples), generated once through the launcher's setup path."""
-    d = tmp_path_factory.mktemp("synthetic")
-    sys.path.insert(0, ROOT)
-    from configs import synthetic as synthetic_config
-    from d2vlm_jax.data import synthetic_setup
-    cfg = synthetic_config.get_config("smoke")
-    cfg.synthetic.out_dir = str(d)
-    synthetic_setup.ensure_synthetic_data(cfg)
-    return str(d)
+    """The smoke dataset (18 training samples)."""
+    return make_smoke_data(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from tests.smoke_data import data_flags, make_smoke_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
-
-
-def data_flags(data_dir):
-    return [f"--config.synthetic.out_dir={data_dir}",
-            f"--config.data.train_annotations={data_dir}/train.json",
-            f"--config.data.eval_annotations={data_dir}/val.json",
-            f"--config.data.llm_tokenizer={data_dir}/tokenizer.json",
-            f"--config.data.qformer_vocab={data_dir}/vocab.txt",
-            f"--config.fpo.data.train_annotations={data_dir}/train_preferences.json"]
 
 
 def launch(workdir, data_dir, *extra, wait=True, timeout=600):
@@ -36,16 +29,7 @@ def launch(workdir, data_dir, *extra, wait=True, timeout=600):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """The smoke dataset, generated once through the launcher's own setup path."""
-    d = tmp_path_factory.mktemp("synthetic")
-    from ml_collections import config_flags  # noqa: F401  (config files import it)
-    sys.path.insert(0, ROOT)
-    from configs import synthetic as synthetic_config
-    from d2vlm_jax.data import synthetic_setup
-    cfg = synthetic_config.get_config("smoke")
-    cfg.synthetic.out_dir = str(d)
-    synthetic_setup.ensure_synthetic_data(cfg)
-    return str(d)
+    return make_smoke_data(tmp_path_factory.mktemp("synthetic"))
 
 
 def read_metrics(path):
