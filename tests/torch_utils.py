@@ -18,7 +18,7 @@ def save_state_dict(module: torch.nn.Module, directory: str, name: str = "model.
 
 def additive_mask(allowed: np.ndarray) -> torch.Tensor:
     """bool[B, T, S] -> float32[B, 1, T, S] additive mask (0 allowed, finfo.min masked)."""
-    allowed = torch.from_numpy(np.asarray(allowed))
+    allowed = torch.from_numpy(np.array(allowed))  # a writable copy
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None].to(torch.float32)
 
 
