@@ -12,7 +12,6 @@ from XLA's cost analysis of the compiled steps and do not depend on machine load
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics

@@ -1,7 +1,6 @@
 """Vision tower and Q-Former parity with HF transformers' InstructBLIP; checkpoint loading."""
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp

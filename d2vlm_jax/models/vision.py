@@ -22,7 +22,6 @@ over the data/fsdp mesh axes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
