@@ -225,7 +225,8 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
             if is_main:
                 print(f"[{stage}] resumed from step {start} ({stage_dir}/checkpoints)", flush=True)
         else:
-            fresh = init_params(model_cfg, config.seed)
+            # initialized directly into its shardings: never materialized on one device
+            fresh = jax.jit(lambda: init_params(model_cfg, config.seed), out_shardings=param_sh)()
             params = load_init_params(init_from, fresh) if init_from else fresh
             trainable, frozen = partition.split(params, patterns)
             frozen = jax.device_put(frozen, f_sh)
