@@ -13,23 +13,30 @@
   pairs per step as 32 micro-batches of 2;
 * buckets as ``d2vlm_phi3_v5p.pod_buckets`` (P 1536 + R 512 = 2048 tokens, 350 frames).
 
-STATUS: this plan does NOT fit yet (compile check: XLA RESOURCE_EXHAUSTED, 17.86 GiB of
-temporaries vs 15.75 GiB usable; tensor 16 instead of 8: 17.29 GiB; bf16 parameters: 16.65
-GiB). The buffer assignment shows why: the frozen ViT's f32 attention scores for all 350
-frames of a sample (``f32[350, ., 257, 257]`` per block, several alive at once) are not split
-when data x fsdp is small. Running the vision tower over chunks of frames (it has no
-gradient, so this costs nothing) or sharding frames over the tensor axis too should bring it
-under 16 GiB; re-run the compile check after such a change.
+* the video encoder's frames are split over all 16 chips (``sharding_rules``: ``frames`` ->
+  data x fsdp x tensor) rather than over the 2 fsdp groups: the EVA-ViT and the Q-Former are
+  small per frame but their activations for 350 frames are not (the trainable Q-Former keeps
+  ~40 [frames, 288, 768] residuals per layer for the backward pass); the largest frames bucket
+  is 352 so a micro-batch's 704 frames split evenly (44 per chip); the frozen tower runs over
+  them in 4 sequential chunks of 11 (``vision.frame_chunks``).
+
+History (docs/BENCHMARKS.md): with frames over fsdp only, the plan needed 17.86 GiB of
+temporaries (RESOURCE_EXHAUSTED, 15.75 GiB usable), 18.43 GiB with the tower chunked: the
+Q-Former's residuals for 350 frames per chip dominated, not the tower.
 """
 
 import ml_collections
 
 from configs import d2vlm_phi3_v5p
+from d2vlm_jax import sharding
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = d2vlm_phi3_v5p.get_config(arg)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=2, tensor=8))
+    c.sharding_rules = sharding.rules_with({"frames": ("data", "fsdp", "tensor")})
+    c.data.buckets.N = [64, 128, 256, 352]   # 2 x 352 frames = 44 per chip
+    c.model.video.vision.frame_chunks = 4    # 11 frames per chip per chunk
     c.sft.batch_size, c.sft.micro_batches = 16, 8
     if arg == "fpo":
         c.fpo.batch_size, c.fpo.micro_batches = 64, 32

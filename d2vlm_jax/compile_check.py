@@ -1,7 +1,7 @@
 """Deviceless compile check: the real train step compiled for a Cloud TPU topology on a CPU host.
 
 ``check(config, topology="v5p:2x2x1", stage="sft")`` builds exactly what
-``train.loop.train_stage`` jits (model, optimizer, micro-batches, remat policy, parameter and
+``train.loop.train_stage`` jits, through the same ``train.loop.build_train_step`` (model, optimizer, micro-batches, remat policy, parameter and
 optimizer-state shardings from ``jax.eval_shape``, donation of the state) on a mesh of
 *compile-only* TPU devices (``jax.experimental.topologies.get_topology_desc``), lowers it with
 abstract inputs (``jax.ShapeDtypeStruct`` carrying ``NamedSharding``; the batch at the config's
@@ -36,8 +36,8 @@ import ml_collections
 
 from d2vlm_jax import batch as batch_lib
 from d2vlm_jax import config as cfg_lib
-from d2vlm_jax import partition, sharding
-from d2vlm_jax.models.d2vlm import D2VLM, D2VLMConfig
+from d2vlm_jax import sharding
+from d2vlm_jax.models.d2vlm import D2VLMConfig
 from d2vlm_jax.testing import random_batch
 
 GIB = 1024 ** 3
@@ -273,47 +273,18 @@ def plan_of(config: ml_collections.ConfigDict, stage: str, num_devices: int) -> 
 
 def _lower(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mesh | None, model_cfg: D2VLMConfig,
            batch_abstract: Mapping[str, jax.ShapeDtypeStruct]):
-    """Lowers the train step exactly as ``loop.train_stage`` jits it (shardings, donation).
-    ``mesh=None``: unsharded, for the default (CPU) backend (model FLOPs only)."""
+    """Lowers the train step exactly as ``loop.train_stage`` jits it (both use
+    ``loop.build_train_step``: shardings, donation). ``mesh=None``: one host CPU device, for the
+    cost analysis of the program as written (model FLOPs)."""
     from d2vlm_jax.train import loop
-    from d2vlm_jax.train import optimizer as optim_lib
-    from d2vlm_jax.train.step import init_state, make_train_step
-    stage_cfg = config[stage]
-    rules = model_cfg.llm.sharding_rules
-    patterns = cfg_lib.trainable_patterns(config)
-    loss_cfg = cfg_lib.loss_config(config)
-    model = D2VLM(model_cfg)
-    boxed = loop.abstract_boxed_variables(model_cfg)
-    if mesh is None:  # unsharded CPU lowering: cost analysis of the program as written
-        params_abstract = sharding.unbox(boxed)["params"]
-        trainable_abs, frozen_abs = partition.split(params_abstract, patterns)
-        tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, 1000)
-        state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable_abs)
-        reference = params_abstract if stage == "fpo" and loss_cfg.fpo_reference == "frozen_params" else None
-        step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
-                                  dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
-        return jax.jit(step_fn).lower(state_abstract, frozen_abs, dict(batch_abstract), reference)
-    param_sh = sharding.shardings_for(boxed, mesh, rules)["params"]
-    t_sh, f_sh = partition.split(param_sh, patterns)
-    params_abstract = sharding.unbox(boxed)["params"]
-    trainable_abs, frozen_abs = partition.split(params_abstract, patterns)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices("cpu")[:1])
     # the schedule length only changes constants of the program, not its shape or cost
-    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, 1000)
-    state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable_abs)
-    state_sh = loop.state_shardings(state_abstract, t_sh, mesh)
-    place = lambda tree, sh: jax.tree.map(  # noqa: E731
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-    reference = reference_sh = None
-    if stage == "fpo" and loss_cfg.fpo_reference == "frozen_params":
-        reference, reference_sh = place(params_abstract, param_sh), param_sh
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, len(v.shape), rules))
-             for k, v in batch_abstract.items()}
-    step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
-                              dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
+    setup = loop.build_train_step(config, stage, model_cfg, mesh, total_steps=1000)
+    with_reference = stage == "fpo" and cfg_lib.loss_config(config).fpo_reference == "frozen_params"
     with jax.set_mesh(mesh):
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, f_sh, None, reference_sh),
-                         out_shardings=(state_sh, None), donate_argnums=0)
-        return jitted.lower(place(state_abstract, state_sh), place(frozen_abs, f_sh), batch, reference)
+        return setup.jit(with_reference).lower(*setup.abstract_arguments(batch_abstract, with_reference,
+                                                                          model_cfg.llm.sharding_rules))
 
 
 def _is_oom(message: str) -> bool:

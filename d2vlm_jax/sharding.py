@@ -124,6 +124,16 @@ def rules_from_config(rules: Iterable[Sequence[Any]] | None) -> tuple[tuple[str,
     return tuple(out)
 
 
+def rules_with(overrides: Mapping[str, Any], base: Sequence[tuple[str, Any]] = DEFAULT_RULES
+               ) -> tuple[tuple[str, Any], ...]:
+    """``base`` with some logical names mapped differently (new names appended), e.g.
+    ``rules_with({"frames": ("data", "fsdp", "tensor")})`` to split the vision tower's frames
+    over every device."""
+    overrides = dict(overrides)
+    out = [(name, overrides.pop(name) if name in overrides else axes) for name, axes in base]
+    return rules_from_config(out + list(overrides.items()))
+
+
 def _mesh_axes_for(name: str | None, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
     if name is None:
         return ()

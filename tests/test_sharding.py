@@ -107,3 +107,17 @@ def test_constrain_applies_under_mesh_and_is_identity_without():
     with jax.set_mesh(mesh):
         y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", None, "act_mlp"), sharding.DEFAULT_RULES))(x)
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+
+
+def test_rules_with_overrides_one_name_and_keeps_the_rest():
+    rules = sharding.rules_with({"frames": ["data", "fsdp", "tensor"], "new_axis": "tensor"})
+    table = dict(rules)
+    assert table["frames"] == ("data", "fsdp", "tensor")
+    assert table["new_axis"] == "tensor"
+    assert {k: v for k, v in rules if k not in ("frames", "new_axis")} == \
+        {k: v for k, v in sharding.DEFAULT_RULES if k != "frames"}
+    assert [k for k, _ in rules][:len(sharding.DEFAULT_RULES)] == [k for k, _ in sharding.DEFAULT_RULES]
+    mesh_shape = {"data": 1, "fsdp": 2, "tensor": 4}
+    assert sharding.logical_to_spec(("frames", None), rules, (16, 3), mesh_shape) == P(("fsdp", "tensor"))
+    # 12 frames do not split 8 ways: the tensor axis is dropped for them, fsdp kept
+    assert sharding.logical_to_spec(("frames", None), rules, (12, 3), mesh_shape) == P("fsdp")

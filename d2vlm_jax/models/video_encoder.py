@@ -114,7 +114,7 @@ class VideoEncoder(nn.Module):
         """
         b, n = frames.shape[:2]
         flat = frames.reshape((b * n,) + frames.shape[2:])
-        patches = self.vision(flat)  # [F, P, Dv], already under stop_gradient
+        patches = self.vision_features(flat)  # [F, P, Dv], under stop_gradient
         patches = sharding.constrain(patches, ("frames", None, "act_embed"), self.rules)
         ids = jnp.repeat(qformer_ids, n, axis=0)        # [F, L]: sample b's text for its n frames
         valid = jnp.repeat(qformer_valid, n, axis=0)
@@ -123,3 +123,24 @@ class VideoEncoder(nn.Module):
         tokens = tokens.reshape(b, n, -1)
         tokens = jnp.where(frame_valid[:, :, None], tokens, jnp.zeros((), tokens.dtype))
         return sharding.constrain(tokens, ("batch", None, "act_embed"), self.rules)
+
+    def vision_features(self, flat: jax.Array) -> jax.Array:
+        """The vision tower over folded frames ``[F, H, W, 3]``, in ``vision.frame_chunks``
+        sequential chunks (a ``scan`` sharing the parameters), so only one chunk's activations
+        are alive at a time. Chunk ``i`` holds frames ``i, i + C, ...``: each device keeps its
+        own frames. ``F`` is zero-padded to a multiple of ``C``; the padding is dropped."""
+        c = self.config.vision.frame_chunks
+        if c == 1:
+            return self.vision(flat)
+        f = flat.shape[0]
+        pad = -f % c
+        if pad:
+            flat = jnp.concatenate([flat, jnp.zeros((pad,) + flat.shape[1:], flat.dtype)])
+        per = (f + pad) // c
+        chunks = flat.reshape((per, c) + flat.shape[1:]).swapaxes(0, 1)  # [C, F/C, H, W, 3]
+        chunks = sharding.constrain(chunks, (None, "frames", None, None, None), self.rules)
+        run = nn.scan(lambda tower, carry, x: (carry, tower(x)), variable_broadcast="params",
+                      split_rngs={"params": False}, length=c)
+        _, out = run(self.vision, None, chunks)  # [C, F/C, P, Dv]
+        out = out.swapaxes(0, 1).reshape((per * c,) + out.shape[2:])
+        return out[:f]

@@ -56,6 +56,12 @@ class VisionConfig:
       param_dtype: parameter dtype name.
       remat_policy: ``layers.remat_policy`` name for each block (None = no remat). The tower
         is never differentiated, so this only matters if someone unfreezes it.
+      frame_chunks: the video encoder runs the tower over the folded frames in this many
+        sequential chunks (a ``scan`` with the parameters broadcast; 1 = all frames at
+        once). Results are identical; peak memory of the tower's activations (its f32
+        attention scores dominate) shrinks by about this factor. Chunk ``i`` takes frames
+        ``i, i + C, i + 2C, ...`` so it stays spread over the ``frames`` mesh axes; choose
+        ``C`` dividing the frames per device to avoid resharding.
     """
     image_size: int = 224
     patch_size: int = 14
@@ -68,8 +74,11 @@ class VisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str | None = None
+    frame_chunks: int = 1
 
     def __post_init__(self):
+        if self.frame_chunks < 1:
+            raise ValueError(f"frame_chunks must be >= 1, got {self.frame_chunks}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:

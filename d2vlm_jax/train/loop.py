@@ -8,6 +8,7 @@ writes logs, TensorBoard scalars and ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -175,6 +176,81 @@ def resolve_steps(stage_cfg: ml_collections.ConfigDict, data_cfg, stage: str) ->
     return max(1, math.ceil(len(samples) * epochs / stage_cfg.batch_size))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStepSetup:
+    """Everything the train step of a stage is built from on a mesh: the single definition
+    shared by the training loop and the deviceless compile check (``compile_check``).
+
+    Attributes:
+      model: the D2VLM module.
+      patterns: trainable-parameter regex table of the config.
+      boxed: abstract (``jax.eval_shape``) variables with their logical-axis boxes.
+      param_shardings / trainable_shardings / frozen_shardings: ``NamedSharding`` trees.
+      tx, schedules: the stage's optimizer and its learning-rate schedules.
+      state_abstract, state_shardings: the :class:`TrainState` shapes and shardings.
+      step_fn: the pure train step ``(state, frozen, batch, reference) -> (state, metrics)``.
+      batch_keys: the batch entries the step reads (SFT or FPO contract).
+    """
+    model: D2VLM
+    patterns: Any
+    boxed: Any
+    param_shardings: Any
+    trainable_shardings: Any
+    frozen_shardings: Any
+    tx: Any
+    schedules: Mapping[str, Any]
+    state_abstract: TrainState
+    state_shardings: Any
+    step_fn: Any
+    batch_keys: tuple[str, ...]
+
+    def jit(self, with_reference: bool):
+        """The step jitted with the state sharded and donated, frozen params sharded, the batch
+        taken as placed, and (FPO with a frozen reference) the reference params sharded."""
+        return jax.jit(self.step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, None,
+                                                   self.param_shardings if with_reference else None),
+                       out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    def abstract_arguments(self, batch: Mapping[str, jax.ShapeDtypeStruct], with_reference: bool, rules) -> tuple:
+        """``jax.ShapeDtypeStruct`` arguments of :meth:`jit` carrying their shardings (the batch
+        over the ``batch`` mesh axes), for lowering without allocating anything."""
+        place = lambda tree, sh: jax.tree.map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+        params = sharding.unbox(self.boxed)["params"]
+        frozen = partition.split(params, self.patterns)[1]
+        mesh = jax.tree.leaves(self.param_shardings)[0].mesh
+        placed_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                sharding=sharding.batch_sharding(mesh, len(v.shape), rules))
+                        for k, v in batch.items()}
+        reference = place(params, self.param_shardings) if with_reference else None
+        return (place(self.state_abstract, self.state_shardings), place(frozen, self.frozen_shardings),
+                placed_batch, reference)
+
+
+def build_train_step(config: ml_collections.ConfigDict, stage: str, model_cfg: D2VLMConfig, mesh,
+                     total_steps: int) -> TrainStepSetup:
+    """The train step of ``stage`` on ``mesh``: model, shardings from ``jax.eval_shape`` (nothing
+    allocated), optimizer for ``total_steps``, and the pure step function."""
+    stage_cfg = config[stage]
+    rules = model_cfg.llm.sharding_rules
+    patterns = cfg_lib.trainable_patterns(config)
+    model = D2VLM(model_cfg)
+    boxed = abstract_boxed_variables(model_cfg)
+    param_sh = sharding.shardings_for(boxed, mesh, rules)["params"]
+    t_sh, f_sh = partition.split(param_sh, patterns)
+    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, total_steps)
+    trainable_abstract = partition.split(sharding.unbox(boxed)["params"], patterns)[0]
+    state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), trainable_abstract)
+    step_fn = make_train_step(model, cfg_lib.loss_config(config), tx, stage=stage,
+                              micro_batches=stage_cfg.micro_batches, dropout=model_cfg.llm.lora_dropout > 0,
+                              schedules=schedules)
+    return TrainStepSetup(model=model, patterns=patterns, boxed=boxed, param_shardings=param_sh,
+                          trainable_shardings=t_sh, frozen_shardings=f_sh, tx=tx, schedules=schedules,
+                          state_abstract=state_abstract,
+                          state_shardings=state_shardings(state_abstract, t_sh, mesh), step_fn=step_fn,
+                          batch_keys=batch_lib.FPO_KEYS if stage == "fpo" else batch_lib.SFT_KEYS)
+
+
 def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, model_cfg: D2VLMConfig,
                 tokenizers, init_from: str | None) -> dict:
     """Trains one stage to completion (resuming if it has checkpoints); returns final metrics."""
@@ -189,23 +265,15 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
     mesh = sharding.make_mesh(mesh_sizes)
     rules = model_cfg.llm.sharding_rules
     loss_cfg = cfg_lib.loss_config(config)
-    patterns = cfg_lib.trainable_patterns(config)
-    model = D2VLM(model_cfg)
     tokenizer, qformer_tokenizer = tokenizers
-
-    # parameters and their shardings (from eval_shape, nothing allocated on one device first)
-    boxed = abstract_boxed_variables(model_cfg)
-    param_sh = sharding.shardings_for(boxed, mesh, rules)["params"]
-    t_sh, f_sh = partition.split(param_sh, patterns)
+    setup = build_train_step(config, stage, model_cfg, mesh, total_steps)
+    model, patterns, boxed = setup.model, setup.patterns, setup.boxed
+    param_sh, t_sh, f_sh = setup.param_shardings, setup.trainable_shardings, setup.frozen_shardings
+    tx, state_abstract, state_sh = setup.tx, setup.state_abstract, setup.state_shardings
     counts = partition.summary(sharding.unbox(boxed)["params"], patterns)
     if is_main:
         logger.info("[%s] parameters: %s trainable, %s frozen; mesh %s", stage, f"{counts['trainable']:,}",
                     f"{counts['frozen']:,}", mesh_sizes)
-
-    tx, schedules = optim_lib.make_optimizer(stage_cfg.optim, total_steps)
-    abstract_trainable = partition.split(sharding.unbox(boxed)["params"], patterns)[0]
-    state_abstract = jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(0)), abstract_trainable)
-    state_sh = state_shardings(state_abstract, t_sh, mesh)
 
     mngr = ckpt_lib.manager(stage_dir, max_to_keep=config.checkpoint.max_to_keep,
                             save_every=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
@@ -240,11 +308,8 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                 raise TrainingError("loss.fpo_reference='frozen_params' needs an init checkpoint (the SFT params)")
             reference = jax.device_put(load_init_params(init_from, init_params(model_cfg, config.seed)), param_sh)
 
-        step_fn = make_train_step(model, loss_cfg, tx, stage=stage, micro_batches=stage_cfg.micro_batches,
-                                  dropout=model_cfg.llm.lora_dropout > 0, schedules=schedules)
-        keys = batch_lib.FPO_KEYS if stage == "fpo" else batch_lib.SFT_KEYS
-        jit_step = jax.jit(step_fn, in_shardings=(state_sh, f_sh, None, None if reference is None else param_sh),
-                           out_shardings=(state_sh, None), donate_argnums=0)
+        keys = setup.batch_keys
+        jit_step = setup.jit(with_reference=reference is not None)
 
         log = MetricsLog(stage_dir, stage, total_steps, is_main)
         examples_log = None
