@@ -99,3 +99,35 @@ def check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int, pr
     if batch_size % process_count:
         raise ConfigError(f"{where}.batch_size={batch_size} is not divisible by the {process_count} processes")
     return mesh_sizes
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> list[str]:
+    """Checks an experiment config without touching devices, data or checkpoints: the stages,
+    the model / loss / trainable tables, and (with ``num_devices``) every stage's mesh and batch.
+    Returns one summary line per item checked; raises :class:`ConfigError` naming the field.
+    A vocabulary size of 0 (taken from the tokenizer at training time) is accepted."""
+    lines = []
+    stages = tuple(config.get("stages", ()))
+    if not stages or any(s not in ("sft", "fpo") for s in stages):
+        raise ConfigError(f"config.stages={stages!r}: list 'sft' and/or 'fpo'")
+    m = model_config(config, vocab_size=config.model.llm.vocab_size or 1,
+                     qformer_vocab_size=config.model.video.qformer.vocab_size or 1)
+    lines.append(f"model: {m.llm.family} {m.llm.num_layers} layers x {m.llm.hidden_size}, vision "
+                 f"{m.video.vision.num_blocks_run} blocks x {m.video.vision.width}, Q-Former "
+                 f"{m.video.qformer.num_layers} layers")
+    lines.append(f"loss: {loss_config(config)}")
+    lines.append(f"trainable table: {len(trainable_patterns(config))} patterns")
+    for stage in stages:
+        if stage not in config:
+            raise ConfigError(f"config.stages lists {stage!r} but the config has no {stage!r} section")
+        sc = config[stage]
+        if sc.micro_batches < 1 or sc.batch_size % sc.micro_batches:
+            raise ConfigError(f"config.{stage}.batch_size={sc.batch_size} is not divisible by "
+                              f"config.{stage}.micro_batches={sc.micro_batches}")
+        line = f"{stage}: batch {sc.batch_size} as {sc.micro_batches} micro-batch(es)"
+        if num_devices is not None:
+            mesh = check_mesh_and_batch(config, num_devices, process_count, sc.batch_size, sc.micro_batches,
+                                        f"config.{stage}")
+            line += f", mesh {mesh} on {num_devices} devices"
+        lines.append(line)
+    return lines

@@ -37,12 +37,26 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                                   "distributed runtime stops the others (JAX's default is 100 s).")
 _MULTIHOST = flags.DEFINE_boolean("multihost", False, "Call jax.distributed.initialize() with auto-detection "
                                   "(Cloud TPU pods, SLURM).")
+_CHECK_CONFIG = flags.DEFINE_boolean(
+    "check_config", False, "Only validate the command line: load the config with its overrides, check the "
+    "stages, model, loss and trainable tables, print the resolved config and exit (0 = valid, 2 = invalid). "
+    "No devices, data or checkpoints are touched, so a pod command can be checked before renting the slice.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CHECK_CONFIG.value:
+        from d2vlm_jax.config import ConfigError, validate
+        try:
+            lines = validate(_CONFIG.value)
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(_CONFIG.value.to_json_best_effort(indent=2))
+        print("\n".join(["config OK, workdir " + _WORKDIR.value] + lines), flush=True)
+        return
     import jax
     if _COORDINATOR.value or _MULTIHOST.value:
         kwargs = dict(heartbeat_timeout_seconds=_HEARTBEAT.value)

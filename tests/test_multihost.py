@@ -309,3 +309,59 @@ def test_dead_worker_fails_the_job_promptly(tmp_path, data_dir, cache_dir):
     print(f"survivor: rc {result.returncodes[survivor]}, "
           f"{'killed by the harness' if survivor in result.killed_by_harness else 'exited on its own'} "
           f"{result.finished_at - kill['at']:.1f} s after the kill")
+
+
+# A test double of SLURM's srun: starts the task command FAKE_SRUN_TASKS times on this machine
+# with SLURM_PROCID / SLURM_NTASKS set; --kill-on-bad-exit kills the others when one fails.
+FAKE_SRUN = r"""#!/usr/bin/env bash
+kill_on_bad_exit=0
+if [[ "$1" == --kill-on-bad-exit=1 ]]; then kill_on_bad_exit=1; shift; fi
+n="${FAKE_SRUN_TASKS:?}"
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NTASKS=$n "$@" & pids+=($!); done
+rc=0
+for ((k = 0; k < n; k++)); do
+  if ! wait -n; then
+    rc=1
+    if ((kill_on_bad_exit)); then kill "${pids[@]}" 2>/dev/null || true; fi
+  fi
+done
+exit $rc
+"""
+FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.2\n"  # scontrol show hostnames
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_script_runs_the_multihost_job(tmp_path, data_dir, cache_dir):
+    """launch/slurm/train.sbatch as sbatch would run it (srun / scontrol replaced by local test
+    doubles): 2 tasks join one job through the coordinator on the first node, train, export;
+    extra overrides with quotes and parentheses reach train.py intact."""
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fakebin / name).write_text(text)
+        (fakebin / name).chmod(0o755)
+    wd = tmp_path / "slurm run"  # a space in the path: quoting is part of what is tested
+    flags = train_flags(wd, data_dir)
+    assert flags[:2] == ["--config", "configs/synthetic.py:smoke"] and flags[2] == "--workdir"
+    overrides = flags[4:]
+    assert "--config.stages=('sft',)" in overrides
+    env = dict(worker_env(DEVICES_PER_PROCESS, cache_dir), PATH=f"{fakebin}:{os.environ['PATH']}",
+               PYTHON=sys.executable, SLURM_JOB_NODELIST="node[1-2]", COORDINATOR_PORT=str(free_port()),
+               FAKE_SRUN_TASKS=str(NUM_PROCESSES))
+    result = run_workers([["bash", "launch/slurm/train.sbatch", "configs/synthetic.py:smoke", str(wd), *overrides]],
+                         [env], str(tmp_path / "logs"), timeout=420)
+    logs = [(wd / "logs" / f"process_{i}.log").read_text() for i in range(NUM_PROCESSES)
+            if (wd / "logs" / f"process_{i}.log").exists()]
+    assert result.ok, result.tail() + "\n".join(log[-2000:] for log in logs)
+    assert len(logs) == NUM_PROCESSES
+    assert all("2 process(es), 4 device(s)" in log for log in logs)
+    assert f"[sft] step {STEPS}/{STEPS}" in logs[0] and "[sft] step" not in logs[1]
+    assert json.load(open(wd / "sft" / "DONE.json"))["steps"] == STEPS
+    p0 = rows_by_step(wd / "sft" / "examples.process_0.jsonl")
+    p1 = rows_by_step(wd / "sft" / "examples.process_1.jsonl")
+    assert sorted(p0) == sorted(p1) == list(range(1, STEPS + 1))
+    ids0 = {i for r in p0.values() for i in r["example_id"]}
+    ids1 = {i for r in p1.values() for i in r["example_id"]}
+    assert ids0 and ids1 and not ids0 & ids1
+    assert all(p0[s]["loss"] == p1[s]["loss"] for s in p0)
