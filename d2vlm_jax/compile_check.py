@@ -173,6 +173,7 @@ class CompileReport:
     model_flops: float | None = None       # whole step, remat-free program, host-lowered cost analysis
     error: str | None = None               # compile failure (e.g. RESOURCE_EXHAUSTED)
     oom: bool = False
+    largest_buffers: list[str] = dataclasses.field(default_factory=list)  # XLA OOM: top of libtpu's report
 
     @property
     def hbm_per_device(self) -> int:
@@ -221,6 +222,9 @@ class CompileReport:
                                       if k in ("frames", "prefix_ids", "response_ids", "rejected_ids"))]
         if self.error is not None:
             lines.append(("OUT OF MEMORY (XLA): " if self.oom else "COMPILE FAILED: ") + self.error)
+            if self.largest_buffers:
+                lines.append("largest live buffers per device (libtpu's report; shapes are per-device shards):")
+                lines += ["  " + b for b in self.largest_buffers]
             return "\n".join(lines)
         lines += [f"compiled in {self.compile_seconds:.1f} s",
                   f"memory per device: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
@@ -287,6 +291,28 @@ def _lower(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mes
                                                                           model_cfg.llm.sharding_rules))
 
 
+def largest_buffers(since: float, top: int = 12, log_dir: str | None = None) -> list[str]:
+    """The first ``top`` rows of the memory usage report libtpu writes to its log
+    (``$TPU_LOG_DIR/tpu_driver.*.ERROR.*.<pid>``) when a compile runs out of HBM: cumulative
+    size, buffer size and the shapes sharing it, largest first. Only this process's log files
+    written after ``since`` (a ``time.time()``) are read; ``[]`` when there is none."""
+    log_dir = log_dir or os.environ.get("TPU_LOG_DIR", "")
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    paths = [os.path.join(log_dir, n) for n in os.listdir(log_dir)
+             if n.startswith("tpu_driver") and ".ERROR." in n and n.endswith(f".{os.getpid()}")]
+    for path in sorted((p for p in paths if os.path.getmtime(p) >= since), key=os.path.getmtime, reverse=True):
+        with open(path, errors="replace") as f:
+            text = f.read()
+        start = text.rfind("Memory usage report")
+        if start < 0:
+            continue
+        rows = [line.strip() for line in text[start:].splitlines()
+                if re.match(r"\s*[\d.]+[KMGT]?i?B\(\s*\d+%\);", line)]
+        return rows[:top]
+    return []
+
+
 def _is_oom(message: str) -> bool:
     return "RESOURCE_EXHAUSTED" in message or re.search(r"\bout of memory\b|exceeds the .*memory", message, re.I) is not None
 
@@ -341,6 +367,8 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
         message = str(e)
         report.error = message.strip().splitlines()[0][:600] if message.strip() else type(e).__name__
         report.oom = _is_oom(message)
+        if report.oom:
+            report.largest_buffers = largest_buffers(since=t0)
         report.compile_seconds = time.time() - t0
         return report
     report.compile_seconds = time.time() - t0

@@ -80,8 +80,11 @@ def test_plan_that_cannot_fit_is_reported_with_its_shortfall():
     if report.error is None:   # compiled, but the buffers exceed HBM
         assert report.shortfall_bytes > 0 and report.total_bytes > 16 * cc.GIB
         assert "DOES NOT FIT" in report.format()
-    else:                      # XLA refused it
+    else:                      # XLA refused it: the report names the buffers that did not fit
         assert "RESOURCE_EXHAUSTED" in report.error or "memory" in report.error.lower()
+        assert report.largest_buffers and any("4000000" in row for row in report.largest_buffers[:3]), \
+            report.largest_buffers
+        assert "largest live buffers" in report.format()
 
 
 def test_launcher_without_libtpu_says_what_to_install(tmp_path):
