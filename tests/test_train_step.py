@@ -2,6 +2,7 @@
 optimizer groups, non-finite steps skipped."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,10 +28,12 @@ def setup():
     return config, batch, trainable, frozen
 
 
-def run_step(micro, stage="fpo", mesh=None):
+def run_step(micro, stage="fpo", mesh=None, config=None):
     """One step with plain SGD: the update is linear in the gradient, so comparing params
-    compares gradients (Adam's first step, ~sign(g), would amplify float noise of ~0 grads)."""
-    config, batch, trainable, frozen = setup()
+    compares gradients (Adam's first step, ~sign(g), would amplify float noise of ~0 grads).
+    ``config``: a variant of the tiny config with the same parameter tree (layout choices)."""
+    base, batch, trainable, frozen = setup()
+    config = config or base
     tx, schedules = optax.sgd(0.5), None
     step = make_train_step(D2VLM(config), losses.LossConfig(), tx, stage=stage, micro_batches=micro, schedules=schedules)
     state = init_state(trainable, tx, jax.random.key(1))
@@ -64,6 +67,22 @@ def test_step_on_2x2x2_mesh_equals_single_device():
     for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(s8.params))
+
+
+def test_v5e_layout_frames_over_every_device_and_chunked_tower_equals_single_device():
+    """The v5e plan's layout (configs/d2vlm_phi3_v5e.py): the video encoder's frames split over
+    data x fsdp x tensor, the vision tower in chunks. Same step as one device, unchanged."""
+    base = setup()[0]
+    rules = sharding.rules_with({"frames": ("data", "fsdp", "tensor")})
+    config = dataclasses.replace(
+        base, llm=dataclasses.replace(base.llm, sharding_rules=rules),
+        video=dataclasses.replace(base.video, vision=dataclasses.replace(base.video.vision, frame_chunks=3)))
+    s1, m1 = run_step(1)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})   # 4 x 6 frames: 3 per device
+    s8, m8 = run_step(1, mesh=mesh, config=config)
+    np.testing.assert_allclose(m8["loss/total"], m1["loss/total"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_only_trainable_groups_have_optimizer_state_and_lrs_differ():
