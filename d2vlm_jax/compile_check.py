@@ -1,8 +1,9 @@
 """Deviceless compile check: the real train step compiled for a Cloud TPU topology on a CPU host.
 
 ``check(config, topology="v5p:2x2x1", stage="sft")`` builds exactly what
-``train.loop.train_stage`` jits, through the same ``train.loop.build_train_step`` (model, optimizer, micro-batches, remat policy, parameter and
-optimizer-state shardings from ``jax.eval_shape``, donation of the state) on a mesh of
+``train.loop.train_stage`` jits, through the same ``train.loop.build_train_step`` (model,
+optimizer, micro-batches, remat policy, parameter and optimizer-state shardings from
+``jax.eval_shape``, donation of the state) on a mesh of
 *compile-only* TPU devices (``jax.experimental.topologies.get_topology_desc``), lowers it with
 abstract inputs (``jax.ShapeDtypeStruct`` carrying ``NamedSharding``; the batch at the config's
 largest buckets, as ``shape_policy="max"`` pads every multi-host batch) and compiles it with
@@ -287,8 +288,7 @@ def _lower(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding.Mes
     setup = loop.build_train_step(config, stage, model_cfg, mesh, total_steps=1000)
     with_reference = stage == "fpo" and cfg_lib.loss_config(config).fpo_reference == "frozen_params"
     with jax.set_mesh(mesh):
-        return setup.jit(with_reference).lower(*setup.abstract_arguments(batch_abstract, with_reference,
-                                                                          model_cfg.llm.sharding_rules))
+        return setup.jit(with_reference).lower(*setup.abstract_arguments(batch_abstract, with_reference))
 
 
 def largest_buffers(since: float, top: int = 12, log_dir: str | None = None) -> list[str]:

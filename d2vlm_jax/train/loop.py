@@ -211,14 +211,14 @@ class TrainStepSetup:
                                                    self.param_shardings if with_reference else None),
                        out_shardings=(self.state_shardings, None), donate_argnums=0)
 
-    def abstract_arguments(self, batch: Mapping[str, jax.ShapeDtypeStruct], with_reference: bool, rules) -> tuple:
+    def abstract_arguments(self, batch: Mapping[str, jax.ShapeDtypeStruct], with_reference: bool) -> tuple:
         """``jax.ShapeDtypeStruct`` arguments of :meth:`jit` carrying their shardings (the batch
         over the ``batch`` mesh axes), for lowering without allocating anything."""
         place = lambda tree, sh: jax.tree.map(  # noqa: E731
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
         params = sharding.unbox(self.boxed)["params"]
         frozen = partition.split(params, self.patterns)[1]
-        mesh = jax.tree.leaves(self.param_shardings)[0].mesh
+        mesh, rules = jax.tree.leaves(self.param_shardings)[0].mesh, self.model.config.llm.sharding_rules
         placed_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                 sharding=sharding.batch_sharding(mesh, len(v.shape), rules))
                         for k, v in batch.items()}
