@@ -70,6 +70,28 @@ def test_tiny_train_step_compiles_for_a_tpu_topology():
     assert "total" in text and "FLOPs per step" in text and "MFU" in text
 
 
+def test_flops_count_every_frame_chunk():
+    """XLA's cost analysis counts a loop body once; the vision tower's frame-chunk scan runs C
+    times. The report counts every chunk: chunked and unchunked steps have the same FLOPs."""
+    require_libtpu()
+    devices = cc.topology_devices(TOPOLOGY)
+    reports = {}
+    for chunks in (1, 2):
+        config = tiny_config()
+        config.model.video.vision.frame_chunks = chunks
+        reports[chunks] = cc.check(config, topology=TOPOLOGY, stage="sft", devices=devices)
+        assert reports[chunks].error is None, reports[chunks].error
+    one, two = reports[1], reports[2]
+    from d2vlm_jax.config import model_config
+    frames = one.batch_shapes["frames"][0] * one.batch_shapes["frames"][1]
+    half_tower = cc.vision_tower_flops(model_config(tiny_config()).video.vision, frames) / 2
+    # the correction matters here (what a single count of the loop body would drop) ...
+    assert half_tower / one.step_flops > 0.02
+    # ... and with it the two programs agree far closer than that
+    assert two.step_flops == pytest.approx(one.step_flops, rel=0.005)
+    assert two.model_flops == pytest.approx(one.model_flops, rel=1e-6)
+
+
 def test_plan_that_cannot_fit_is_reported_with_its_shortfall():
     require_libtpu()
     config = tiny_config()
