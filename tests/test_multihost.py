@@ -328,7 +328,9 @@ for ((k = 0; k < n; k++)); do
 done
 exit $rc
 """
-FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.2\n"  # scontrol show hostnames
+# scontrol show hostnames: the first node hosts the coordinator; a long list (a reader that
+# stops after the first line would make the writer die of SIGPIPE)
+FAKE_SCONTROL = "#!/usr/bin/env bash\necho 127.0.0.1\nfor i in $(seq 2 50000); do echo node$i; done\n"
 
 
 @pytest.mark.slow
