@@ -211,20 +211,25 @@ class TrainStepSetup:
                                                    self.param_shardings if with_reference else None),
                        out_shardings=(self.state_shardings, None), donate_argnums=0)
 
+    def placed_state(self) -> TrainState:
+        """The train state as ``jax.ShapeDtypeStruct`` leaves carrying their shardings."""
+        return ckpt_lib.abstract_like(self.state_abstract, self.state_shardings)
+
+    def placed_frozen(self) -> Any:
+        """The frozen params as ``jax.ShapeDtypeStruct`` leaves carrying their shardings."""
+        frozen = partition.split(sharding.unbox(self.boxed)["params"], self.patterns)[1]
+        return ckpt_lib.abstract_like(frozen, self.frozen_shardings)
+
     def abstract_arguments(self, batch: Mapping[str, jax.ShapeDtypeStruct], with_reference: bool) -> tuple:
         """``jax.ShapeDtypeStruct`` arguments of :meth:`jit` carrying their shardings (the batch
         over the ``batch`` mesh axes), for lowering without allocating anything."""
-        place = lambda tree, sh: jax.tree.map(  # noqa: E731
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-        params = sharding.unbox(self.boxed)["params"]
-        frozen = partition.split(params, self.patterns)[1]
         mesh, rules = jax.tree.leaves(self.param_shardings)[0].mesh, self.model.config.llm.sharding_rules
         placed_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                 sharding=sharding.batch_sharding(mesh, len(v.shape), rules))
                         for k, v in batch.items()}
-        reference = place(params, self.param_shardings) if with_reference else None
-        return (place(self.state_abstract, self.state_shardings), place(frozen, self.frozen_shardings),
-                placed_batch, reference)
+        reference = (ckpt_lib.abstract_like(sharding.unbox(self.boxed)["params"], self.param_shardings)
+                     if with_reference else None)
+        return self.placed_state(), self.placed_frozen(), placed_batch, reference
 
 
 def build_train_step(config: ml_collections.ConfigDict, stage: str, model_cfg: D2VLMConfig, mesh,
@@ -269,7 +274,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
     setup = build_train_step(config, stage, model_cfg, mesh, total_steps)
     model, patterns, boxed = setup.model, setup.patterns, setup.boxed
     param_sh, t_sh, f_sh = setup.param_shardings, setup.trainable_shardings, setup.frozen_shardings
-    tx, state_abstract, state_sh = setup.tx, setup.state_abstract, setup.state_shardings
+    tx, state_sh = setup.tx, setup.state_shardings
     counts = partition.summary(sharding.unbox(boxed)["params"], patterns)
     if is_main:
         logger.info("[%s] parameters: %s trainable, %s frozen; mesh %s", stage, f"{counts['trainable']:,}",
@@ -285,11 +290,8 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
     frozen_dir = os.path.join(stage_dir, "frozen")
     with jax.set_mesh(mesh):
         if mngr.latest_step() is not None:
-            frozen = ckpt_lib.load_params(frozen_dir, ckpt_lib.abstract_like(
-                partition.split(sharding.unbox(boxed)["params"], patterns)[1], f_sh))
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    state_abstract, state_sh)
-            state, start = ckpt_lib.restore(mngr, abstract, data_iter)
+            frozen = ckpt_lib.load_params(frozen_dir, setup.placed_frozen())
+            state, start = ckpt_lib.restore(mngr, setup.placed_state(), data_iter)
             if is_main:
                 print(f"[{stage}] resumed from step {start} ({stage_dir}/checkpoints)", flush=True)
         else:
