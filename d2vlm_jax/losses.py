@@ -41,13 +41,21 @@ class LossConfig:
             raise ValueError(f"loss.fpo_reference must be one of {FPO_REFERENCES}, got {self.fpo_reference!r}")
 
 
-def soft_targets(intervals: jax.Array, num_frames: int, alpha: float) -> jax.Array:
-    """``y[..., t] = alpha ** -dist(t, [s, e])`` (0 inside): int32[..., 2] -> float32[..., N]."""
+def interval_distances(intervals: jax.Array, num_frames: int) -> jax.Array:
+    """``dist(t, [s, e]) = max(s - t, 0) + max(t - e, 0)`` (0 inside), in frames.
+
+    intervals: int32 or float32[..., 2] ``[start, end]`` in frame units (float intervals
+    are the raw fractional positions of the FPO preference pairs) -> float32[..., N].
+    """
     t = jnp.arange(num_frames, dtype=jnp.float32)
     s = intervals[..., :1].astype(jnp.float32)
     e = intervals[..., 1:].astype(jnp.float32)
-    dist = jnp.maximum(s - t, 0.0) + jnp.maximum(t - e, 0.0)
-    return jnp.power(jnp.float32(alpha), -dist)
+    return jnp.maximum(s - t, 0.0) + jnp.maximum(t - e, 0.0)
+
+
+def soft_targets(intervals: jax.Array, num_frames: int, alpha: float) -> jax.Array:
+    """``y[..., t] = alpha ** -dist(t, [s, e])`` (1 inside): int32/float32[..., 2] -> float32[..., N]."""
+    return jnp.power(jnp.float32(alpha), -interval_distances(intervals, num_frames))
 
 
 def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -124,15 +132,64 @@ def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossCon
     return loss, metrics
 
 
+LOGLIK_EPS = 1e-10   # the authors' additive constant inside the log
+
+
+def log_bernoulli_mixture(scores: jax.Array, log_y: jax.Array, log_1my: jax.Array,
+                          eps: float = LOGLIK_EPS) -> jax.Array:
+    """``log(y p + (1 - y)(1 - p) + eps)`` with ``p = sigmoid(scores)``, in log space.
+
+    The three terms are ``log y + log_sigmoid(s)``, ``log(1 - y) + log_sigmoid(-s)`` and
+    ``log eps``; their log-sum-exp is taken around the largest with ``log1p`` of the rest,
+    so the result keeps float32 relative accuracy for any ``|s|`` (a float32 ``sigmoid``
+    rounds to 1 beyond |s| ~ 17 and the direct formula then returns ``log(eps)`` for the
+    ``(1 - y)(1 - p)`` term). ``log_y`` / ``log_1my`` may be ``-inf`` (y exactly 1 or 0):
+    that term then contributes nothing, and the gradient stays finite.
+
+    scores, log_y, log_1my: broadcastable float arrays -> float32 of their broadcast shape.
+    """
+    s = scores.astype(jnp.float32)
+    pos, neg = jnp.broadcast_arrays(log_y.astype(jnp.float32) + jax.nn.log_sigmoid(s),
+                                    log_1my.astype(jnp.float32) + jax.nn.log_sigmoid(-s))
+    log_eps = jnp.log(jnp.float32(eps))
+    # log-sum-exp = top + log1p(the other terms relative to it): the largest term is taken
+    # out of the sum exactly (an equal second largest adds exactly 1), so a tiny remainder
+    # (eps next to p ~ 1) is not lost in ``1 + tiny``; the eps term enters as
+    # ``eps * exp(-top)`` (top >= log eps, no overflow), not through the rounded log eps.
+    # The gradient of ``top`` goes to the largest term (split over ties), which makes the
+    # whole expression's gradient the softmax-weighted one.
+    top = jnp.maximum(jnp.maximum(pos, neg), log_eps)
+
+    def share(term):
+        below = term < top
+        return jnp.where(below, jnp.exp(jnp.where(below, term - top, 0.0)), 0.0), jnp.where(below, 0.0, 1.0)
+
+    (pos_share, pos_tie), (neg_share, neg_tie) = share(pos), share(neg)
+    eps_below = log_eps < top
+    eps_share = jnp.where(eps_below, jnp.float32(eps) * jnp.exp(-top), 0.0)
+    extra_ties = pos_tie + neg_tie + jnp.where(eps_below, 0.0, 1.0) - 1.0     # integer-valued, exact
+    rest = pos_share + neg_share + eps_share + extra_ties
+    return top + jnp.log1p(rest)
+
+
+def soft_target_logs(intervals: jax.Array, num_frames: int, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """``(log y, log(1 - y))`` of :func:`soft_targets`, computed from the distance itself:
+    ``log y = -dist log alpha`` and ``log(1 - y) = log(-expm1(log y))`` (``-inf`` inside the
+    interval), both exact where ``y`` itself would underflow or round to 1."""
+    log_y = -interval_distances(intervals, num_frames) * jnp.log(jnp.float32(alpha))
+    return log_y, jnp.log(-jnp.expm1(log_y))
+
+
 def grounding_loglik(scores: jax.Array, intervals: jax.Array, frame_valid: jax.Array, alpha: float) -> jax.Array:
     """Per-evidence Bernoulli log-likelihood of the soft frame mask (SPEC §4.1).
 
-    ``sum_t log(y p + (1 - y)(1 - p) + 1e-10)`` over valid frames: float32[..., M].
-    scores: float32[B, ..., M, N]; intervals: int32[B, ..., M, 2]; frame_valid: bool[B, N].
+    ``sum_t log(y p + (1 - y)(1 - p) + 1e-10)`` over valid frames (the authors' formula),
+    computed in log space (:func:`log_bernoulli_mixture`): float32[..., M].
+    scores: float32[B, ..., M, N]; intervals: int32 or float32[B, ..., M, 2] in frame units;
+    frame_valid: bool[B, N].
     """
-    y = soft_targets(intervals, scores.shape[-1], alpha)
-    p = jax.nn.sigmoid(scores)
-    ll = jnp.log(y * p + (1.0 - y) * (1.0 - p) + 1e-10)
+    log_y, log_1my = soft_target_logs(intervals, scores.shape[-1], alpha)
+    ll = log_bernoulli_mixture(scores, log_y, log_1my)
     fv = frame_valid.reshape(frame_valid.shape[:1] + (1,) * (scores.ndim - 2) + frame_valid.shape[1:])
     return jnp.sum(jnp.where(fv, ll, 0.0), -1)
 
