@@ -16,15 +16,15 @@ Benchmarks:
              answer exact match and teacher-forced metrics: the code of the training run's
              final report (train/evaluation.py), with the video-blind reference when the
              checkpoint is a training workdir.
-  charades   Charades-STA: R@{0.3,0.5,0.7}, mIoU (evaluation/metrics.py).
+  charades   Charades-STA: R@{0.3,0.5,0.7}, mIoU.
   youcook2   YouCook2 dense captioning ({"video", "duration", "timestamps", "sentences"}):
              P/R/F1 over IoU {0.3,0.5,0.7,0.9} + CIDEr-D.
   etbench    E.T. Bench: per-task metrics per source and the merged scores.
 
 Benchmark records are converted to the project schema (data/converters.py; E.T. Bench: the
 question ``q`` with an empty answer), the same generation pass runs over them, and the
-rendered answers (SPEC §5.4) are scored by evaluation/metrics.py in the E.T. Bench record
-format. A sample whose video cannot be used is scored as a miss (empty answer) and counted.
+rendered answers (SPEC §5.4) are scored in the E.T. Bench record format by the scoring
+protocol of --protocol (d2vlm_jax/evaluation/scoring.py, the code of launch/score.py). A sample whose video cannot be used is scored as a miss (empty answer) and counted.
 
 Sharding: every process takes its slice of the file (``[process::process_count]``) and
 the global batch of --batch_size rows is spread over the mesh's data axes. Multi-process
@@ -55,8 +55,12 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Decode steps (de
                                        "eval_max_new_tokens, else 256).")
 _BENCHMARK = flags.DEFINE_enum("benchmark", "synthetic", BENCHMARKS, "Annotation format and metrics.")
 _QFORMER_VOCAB = flags.DEFINE_string("qformer_vocab", None, "Q-Former vocab.txt overriding the checkpoint's.")
-_SENTSIM = flags.DEFINE_boolean("sentsim", False, "Score SentSim with all-MiniLM-L6-v2 when the optional "
-                                "sentence-transformers extra and the model are available.")
+_SENTSIM = flags.DEFINE_string("sentsim", "auto", "Sentence similarity for SentSim and the multiple-choice "
+                               "fallback: auto (all-MiniLM-L6-v2 when installed), minilm (required), none.")
+_PROTOCOL = flags.DEFINE_string("protocol", None, "Scoring protocol (launch/score.py, docs/EVALUATION.md); "
+                                "default: d2vlm for etbench (the authors' new_compute_metrics.py), "
+                                "d2vlm_jax (the project's rules) for charades / youcook2.")
+DEFAULT_PROTOCOL = {"etbench": "d2vlm", "charades": "d2vlm_jax", "youcook2": "d2vlm_jax"}
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -95,7 +99,7 @@ def to_schema(records, benchmark: str, file: str):
 
 
 def benchmark_record(benchmark: str, raw: dict, answer: str, position: int) -> dict:
-    """The E.T. Bench-format record ``evaluation.metrics.evaluate_predictions`` scores."""
+    """The E.T. Bench-format record the scoring protocols read."""
     if benchmark == "charades":
         return {"idx": position, "task": "charades_sta", "video": raw["video"], "a": answer,
                 "tgt": raw["timestamp"]}
@@ -106,26 +110,6 @@ def benchmark_record(benchmark: str, raw: dict, answer: str, position: int) -> d
     record.setdefault("idx", position)
     record["a"] = answer
     return record
-
-
-def benchmark_table(result: dict) -> str:
-    lines = ["", f"{'task':<14} {'source':<22} metrics", "-" * 78]
-    for task, entry in result["tasks"].items():
-        for source, m in entry["sources"].items():
-            shown = " ".join(f"{k} {v:.4f}" for k, v in m.items()
-                             if isinstance(v, float) and not k.endswith("_parsed_only"))
-            lines.append(f"{task:<14} {source:<22} {shown} (n={m['num_samples']}, "
-                         f"unparseable {m['num_unparseable']})")
-        score = entry["score"]
-        lines.append(f"{task:<14} {'[task score]':<22} {entry['score_key']} "
-                     f"{'None' if score is None else f'{score:.4f}'}")
-    if any(v is not None for v in result.get("etbench_merged", {}).values()) or result.get("etbench_merged"):
-        lines.append("-" * 78)
-        for name, value in result["etbench_merged"].items():
-            lines.append(f"{name:<14} {'None' if value is None else f'{100 * value:.1f}'}")
-    for note in result.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -147,12 +131,20 @@ def main(argv):
     from d2vlm_jax import config as cfg_lib
     from d2vlm_jax import losses
     from d2vlm_jax.data import pipeline, schema
-    from d2vlm_jax.evaluation import metrics as metrics_lib
+    from d2vlm_jax.evaluation import records as records_lib
+    from d2vlm_jax.evaluation import scoring
     from d2vlm_jax.inference import runner
     from d2vlm_jax.train import evaluation
     from d2vlm_jax.train.loop import format_seconds
 
     benchmark = _BENCHMARK.value
+    protocol = None
+    if benchmark != "synthetic":
+        try:
+            protocol = scoring.get_protocol(_PROTOCOL.value or DEFAULT_PROTOCOL[benchmark]).name
+            similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
+        except scoring.ScoringError as e:
+            fail(str(e))
     is_main = jax.process_index() == 0
     pindex, pcount = jax.process_index(), jax.process_count()
     try:
@@ -261,11 +253,12 @@ def main(argv):
         missing += prediction is None
         records.append(benchmark_record(benchmark, raw_records[raw_position],
                                         "" if prediction is None else prediction["prediction"], raw_position))
-    sentsim = metrics_lib.minilm_sentence_similarity() if _SENTSIM.value else None
     try:
-        result = metrics_lib.evaluate_predictions(records, sentence_similarity=sentsim)
-    except metrics_lib.EvaluationInputError as e:
+        document = scoring.score_records(records, protocol, similarity=similarity,
+                                         similarity_name=similarity_name)
+    except (records_lib.EvaluationInputError, ValueError) as e:
         fail(f"{annotations}: {e}")
+    result = document.pop("result")
     result["num_invalid_annotations"] = num_invalid
     result["num_skipped_videos"] = missing
     if num_invalid or missing:
@@ -276,9 +269,9 @@ def main(argv):
     with open(os.path.join(out_dir, "benchmark_records.json"), "w") as f:
         json.dump(records, f, indent=1)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"benchmark": benchmark, "result": result, "generation": metrics}, f, indent=2,
+        json.dump({"benchmark": benchmark, **document, "result": result, "generation": metrics}, f, indent=2,
                   default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
-    print(benchmark_table(result), flush=True)
+    print(scoring.format_table({**document, "result": result}), flush=True)
     print(f"predictions: {out_dir}/predictions.json  records: {out_dir}/benchmark_records.json  "
           f"metrics: {out_dir}/metrics.json  (elapsed {format_seconds(time.time() - start)})", flush=True)
 

@@ -290,7 +290,7 @@ def test_evaluate_matches_training_evaluation(checkpoint, tmp_path):
 
 def test_evaluate_charades_benchmark(checkpoint, tmp_path):
     """A Charades-STA-format file: converted, generated, scored by metrics.py (R@0.3/0.5/0.7, mIoU)."""
-    from d2vlm_jax.evaluation import metrics as metrics_lib
+    from d2vlm_jax.evaluation.protocols import project as metrics_lib
 
     samples = [s for s in json.load(open(os.path.join(checkpoint["data_dir"], "val.json"))) if s["task"] == "tvg"]
     records = [{"video": s["video"], "duration": s["duration"], "query": f"the {k} thing.",
@@ -318,7 +318,7 @@ def test_etbench_conversion_and_scoring():
     """E.T. Bench records -> project samples (question from ``q``, <image> removed) and back to
     scored records with the model's answers."""
     import importlib.util
-    from d2vlm_jax.evaluation import metrics as metrics_lib
+    from d2vlm_jax.evaluation.protocols import project as metrics_lib
 
     spec = importlib.util.spec_from_file_location("ie_evaluate_launcher", EVALUATE)
     launcher = importlib.util.module_from_spec(spec)
@@ -340,4 +340,7 @@ def test_etbench_conversion_and_scoring():
     wrong = [launcher.benchmark_record("etbench", raw[i], a, i) for i, a in zip(index, ["6.0 - 9.0", "(A) sit"])]
     result = metrics_lib.evaluate_predictions(wrong)
     assert result["tasks"]["tvg"]["score"] == 0.0 and result["tasks"]["rar"]["score"] == 0.0
-    assert "tvg" in launcher.benchmark_table(result)
+    from d2vlm_jax.evaluation import scoring
+    document = scoring.score_records(records, "d2vlm_jax")
+    assert document["result"]["tasks"] == metrics_lib.evaluate_predictions(records)["tasks"]
+    assert "tvg" in scoring.format_table(document)

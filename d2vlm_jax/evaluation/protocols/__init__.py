@@ -19,7 +19,8 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-SentenceSimilarity = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+from d2vlm_jax.evaluation.records import every_json_file
+from d2vlm_jax.evaluation.sentsim import SentenceSimilarity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,19 +32,30 @@ class Protocol:
       benchmark: the benchmark whose records it scores (``etbench``, ``charades``,
         ``youcook2``, ``synthetic``).
       summary: one line for ``--help`` and ``metrics.json``.
-      score: ``score(records, *, sentence_similarity=None) -> dict`` of metrics.
+      score: ``score(records, *, sentence_similarity=None, **options) -> dict`` of metrics
+        (options a protocol does not use are ignored: ``tokenizer``, ``random_seed``,
+        ``delimiter``).
+      keep_file: which files of a predictions *directory* the protocol's script reads
+        (``keep_file(joined_path)``; the official script skips paths containing "metrics").
     """
 
     name: str
     benchmark: str
     summary: str
     score: Callable[..., dict[str, Any]]
+    keep_file: Callable[[str], bool] = every_json_file
 
 
 PROTOCOLS: dict[str, Protocol] = {}
 
-# Modules that define protocols; importing one registers its protocols.
-_MODULES = ("project",)
+# Modules that define protocols; importing one registers its protocols. Append new ones.
+_MODULES = (
+    "project",
+    "etbench",
+    "etbench_strict_rvq",
+    "d2vlm",
+    "d2vlm_looser",
+)
 
 
 def register(protocol: Protocol) -> Protocol:
@@ -71,8 +83,14 @@ def get(name: str) -> Protocol:
 
 
 def score(name: str, records: Sequence[Mapping], *,
-          sentence_similarity: SentenceSimilarity | None = None) -> dict[str, Any]:
-    """Scores ``records`` under protocol ``name``; the result records the protocol's name."""
+          sentence_similarity: SentenceSimilarity | None = None, **options: Any) -> dict[str, Any]:
+    """Scores ``records`` under protocol ``name``; the result records the protocol's name.
+
+    Raises:
+      KeyError: unknown protocol name.
+      d2vlm_jax.evaluation.records.EvaluationInputError: a record lacks a field its task
+        needs (the message names the record and the field).
+    """
     protocol = get(name)
-    metrics = protocol.score(records, sentence_similarity=sentence_similarity)
+    metrics = protocol.score(records, sentence_similarity=sentence_similarity, **options)
     return {"protocol": protocol.name, **metrics}

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values (SPEC §6), CIDEr-D, and the task dispatcher."""
+"""The project's protocol (d2vlm_jax): metrics against hand-computed values (SPEC §6), CIDEr-D, and the task dispatcher."""
 
 import math
 import re
@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from d2vlm_jax.evaluation import cider, metrics
+from d2vlm_jax.evaluation import cider, records, sentsim
+from d2vlm_jax.evaluation import iou as iou_lib
+from d2vlm_jax.evaluation.protocols import project as metrics
 
 
 def jaccard_similarity(texts_a, texts_b):
@@ -22,23 +24,23 @@ def jaccard_similarity(texts_a, texts_b):
 # ------------------------------------------------------------------ interval basics
 
 def test_temporal_iou_hand_values():
-    assert metrics.temporal_iou((0, 10), (5, 15)) == pytest.approx(1 / 3)
-    assert metrics.temporal_iou((2, 4), (0, 10)) == pytest.approx(0.2)
-    assert metrics.temporal_iou((0, 5), (5, 9)) == 0.0
-    assert metrics.temporal_iou((3, 3), (3, 3)) == 0.0  # empty union -> 0, not NaN
-    iou = metrics.pairwise_temporal_iou([(0, 10), (20, 30)], [(5, 15), (0, 10), (3, 3)])
+    assert iou_lib.temporal_iou((0, 10), (5, 15)) == pytest.approx(1 / 3)
+    assert iou_lib.temporal_iou((2, 4), (0, 10)) == pytest.approx(0.2)
+    assert iou_lib.temporal_iou((0, 5), (5, 9)) == 0.0
+    assert iou_lib.temporal_iou((3, 3), (3, 3)) == 0.0  # empty union -> 0, not NaN
+    iou = iou_lib.pairwise_temporal_iou([(0, 10), (20, 30)], [(5, 15), (0, 10), (3, 3)])
     np.testing.assert_allclose(iou, [[1 / 3, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
 
 def test_frame_second_conversions():
-    assert metrics.frame_interval_to_seconds(3, 8) == (3.0, 8.0)
-    assert metrics.frame_interval_to_seconds(3, 8, fps=2.0) == (1.5, 4.0)
-    assert metrics.frame_interval_to_seconds(1, 2, frame_times=[0.5, 1.5, 2.5]) == (1.5, 2.5)
+    assert iou_lib.frame_interval_to_seconds(3, 8) == (3.0, 8.0)
+    assert iou_lib.frame_interval_to_seconds(3, 8, fps=2.0) == (1.5, 4.0)
+    assert iou_lib.frame_interval_to_seconds(1, 2, frame_times=[0.5, 1.5, 2.5]) == (1.5, 2.5)
     with pytest.raises(ValueError, match="first 4 > last 2"):
-        metrics.frame_interval_to_seconds(4, 2)
-    assert metrics.seconds_to_frame_interval(3.0, 7.5, num_frames=20) == (3, 8)
-    assert metrics.seconds_to_frame_interval(2.5, 0.4, num_frames=20) == (0, 2)  # half-even
-    assert metrics.seconds_to_frame_interval(-4, 99, num_frames=10) == (0, 9)
+        iou_lib.frame_interval_to_seconds(4, 2)
+    assert iou_lib.seconds_to_frame_interval(3.0, 7.5, num_frames=20) == (3, 8)
+    assert iou_lib.seconds_to_frame_interval(2.5, 0.4, num_frames=20) == (0, 2)  # half-even
+    assert iou_lib.seconds_to_frame_interval(-4, 99, num_frames=10) == (0, 9)
 
 
 def test_recall_at_iou_hand_values():
@@ -262,20 +264,20 @@ def test_youcook2_unmatched_prediction_scores_zero_cider():
 
 
 def test_bad_records_give_clear_errors():
-    with pytest.raises(metrics.EvaluationInputError, match=r"record 0, idx=7.*'tgt'"):
+    with pytest.raises(records.EvaluationInputError, match=r"record 0, idx=7.*'tgt'"):
         metrics.evaluate_predictions([dict(task="tvg", idx=7, a="0 - 1")])
-    with pytest.raises(metrics.EvaluationInputError, match="unknown task 'xyz'"):
+    with pytest.raises(records.EvaluationInputError, match="unknown task 'xyz'"):
         metrics.evaluate_predictions([dict(task="xyz", a="")])
-    with pytest.raises(metrics.EvaluationInputError, match="one caption per"):
+    with pytest.raises(records.EvaluationInputError, match="one caption per"):
         metrics.evaluate_predictions([dict(task="dvc", tgt=[[0, 1]], g=["a", "b"], a="")])
-    with pytest.raises(metrics.EvaluationInputError, match="option index"):
+    with pytest.raises(records.EvaluationInputError, match="option index"):
         metrics.evaluate_predictions([dict(task="rar", o=OPTIONS, p=9, a="A")])
-    with pytest.raises(metrics.EvaluationInputError, match="single interval"):
+    with pytest.raises(records.EvaluationInputError, match="single interval"):
         metrics.evaluate_predictions([dict(task="tvg", tgt=[[0, 1], [2, 3]], a="0 - 1")])
-    with pytest.raises(metrics.EvaluationInputError, match="'a'"):
+    with pytest.raises(records.EvaluationInputError, match="'a'"):
         metrics.evaluate_predictions([dict(task="tvg", tgt=[0, 1])])
 
 
 def test_minilm_loader_reports_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
-    assert metrics.minilm_sentence_similarity() is None
+    assert sentsim.minilm_sentence_similarity() is None

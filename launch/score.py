@@ -1,0 +1,78 @@
+r"""Scores an existing predictions file under a named protocol; no model, no accelerator.
+
+Examples:
+  # predictions made by the authors' PyTorch release (a directory of etbench_<i>.json files)
+  python launch/score.py --protocol d2vlm --predictions /ckpt/d2vlm/etbench --output metrics.json
+  # the official E.T. Bench script's rules, on one JSON list
+  python launch/score.py --protocol etbench --predictions preds.json --sentsim minilm
+  # predictions written by launch/evaluate.py (benchmark_records.json)
+  python launch/score.py --protocol d2vlm_jax --predictions eval_etbench/benchmark_records.json
+
+Protocols (docs/EVALUATION.md compares them): etbench, etbench_strict_rvq, d2vlm,
+d2vlm_looser (the authors' scripts, exactly), d2vlm_jax (the project's own rules), and the
+TimeChat-format Charades-STA / YouCook2 protocols where installed.
+
+A predictions file is a JSON list (or JSON Lines) of records in the E.T. Bench layout
+(``idx``, ``task``, ``source``, ``video``, ground truth ``tgt`` / ``o`` / ``p`` / ``g``, and
+``a``: the raw answer text), or a directory of such files, read as the protocol's script
+reads it. Prints a table; --output writes metrics.json (protocol, sample counts, every
+metric). Exit 2 with a one-line error for unusable input.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_PROTOCOL = flags.DEFINE_string("protocol", None, "Scoring protocol (see docs/EVALUATION.md).")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "Predictions file (.json / .jsonl) or directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write metrics.json (default: print only).")
+_SENTSIM = flags.DEFINE_string("sentsim", "auto", "Sentence similarity: auto (all-MiniLM-L6-v2 when "
+                               "installed), minilm (required), none.")
+_TOKENIZER = flags.DEFINE_string("caption_tokenizer", "auto", "PTB tokenizer for caption metrics: auto, "
+                                 "stanford (pycocoevalcap's jar + java), python.")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of the random strings the authors' scripts compare "
+                             "unmatched captions with (default: unseeded, as the scripts).")
+_DELIMITER = flags.DEFINE_string("delimiter", None, "D²VLM protocols: grounding/answer delimiter "
+                                 "(v2 = 'Answer: ', v3 = '</evi>', the default, or literal text).")
+flags.mark_flags_as_required(["protocol", "predictions"])
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from d2vlm_jax.evaluation import records as records_lib
+    from d2vlm_jax.evaluation import scoring
+
+    try:
+        protocol = scoring.get_protocol(_PROTOCOL.value)
+        if _TOKENIZER.value not in ("auto", "stanford", "python"):
+            raise scoring.ScoringError(f"--caption_tokenizer must be auto, stanford or python, got "
+                                       f"{_TOKENIZER.value!r}")
+        records = records_lib.load_predictions(_PREDICTIONS.value, keep=protocol.keep_file)
+        similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
+        options = {"tokenizer": _TOKENIZER.value, "random_seed": _SEED.value, "delimiter": _DELIMITER.value}
+        document = scoring.score_records(records, protocol.name, similarity=similarity,
+                                         similarity_name=similarity_name, **options)
+    except (scoring.ScoringError, records_lib.EvaluationInputError, ValueError) as error:
+        fail(f"{_PREDICTIONS.value}: {error}" if isinstance(error, records_lib.EvaluationInputError)
+             and not str(error).startswith(_PREDICTIONS.value) else str(error))
+    document["predictions"] = os.path.abspath(_PREDICTIONS.value)
+    print(scoring.format_table(document), flush=True)
+    if _OUTPUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(document, f, indent=2, default=float)
+        print(f"metrics: {_OUTPUT.value}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
