@@ -42,7 +42,8 @@ def _pycocoevalcap_dir() -> str | None:
         import pycocoevalcap  # noqa: PLC0415  (optional)
     except ImportError:
         return None
-    return os.path.dirname(os.path.abspath(pycocoevalcap.__file__))
+    paths = list(getattr(pycocoevalcap, "__path__", []))  # a namespace package: no __init__
+    return os.path.abspath(paths[0]) if paths else None
 
 
 def stanford_jar() -> str | None:
