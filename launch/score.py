@@ -38,6 +38,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of the random strings the autho
                              "unmatched captions with (default: unseeded, as the scripts).")
 _DELIMITER = flags.DEFINE_string("delimiter", None, "D²VLM protocols: grounding/answer delimiter "
                                  "(v2 = 'Answer: ', v3 = '</evi>', the default, or literal text).")
+_METEOR = flags.DEFINE_boolean("meteor", True, "Compute METEOR (java + pycocoevalcap; slow to start).")
 flags.mark_flags_as_required(["protocol", "predictions"])
 
 
@@ -59,7 +60,8 @@ def main(argv):
                                        f"{_TOKENIZER.value!r}")
         records = records_lib.load_predictions(_PREDICTIONS.value, keep=protocol.keep_file)
         similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
-        options = {"tokenizer": _TOKENIZER.value, "random_seed": _SEED.value, "delimiter": _DELIMITER.value}
+        options = {"tokenizer": _TOKENIZER.value, "random_seed": _SEED.value, "delimiter": _DELIMITER.value,
+                   "meteor": _METEOR.value}
         document = scoring.score_records(records, protocol.name, similarity=similarity,
                                          similarity_name=similarity_name, **options)
     except (scoring.ScoringError, records_lib.EvaluationInputError, ValueError) as error:

@@ -253,17 +253,19 @@ EVALUATORS = {"tvg": tvg_eval, "epm": tvg_eval, "tem": tem_eval, "tal": tal_eval
 def resolve_delimiter(delimiter: str | None) -> str:
     """``--delimiter`` as the script reads it: ``v2`` = "Answer: ", ``v3`` = "</evi>" (default),
     anything else literally; empty is refused (the script's ``v4`` crashes)."""
-    delimiter = DELIMITERS.get(delimiter, delimiter) if delimiter else DEFAULT_DELIMITER
+    delimiter = DEFAULT_DELIMITER if delimiter is None else DELIMITERS.get(delimiter, delimiter)
     if delimiter == "":
         raise ValueError("empty delimiter")
     return delimiter
 
 
 def score(records: Sequence, *, sentence_similarity=None, tokenizer: str = "auto",
-          random_seed: int | None = None, delimiter: str | None = None, evaluators=None,
+          random_seed: int | None = None, meteor: bool = True, delimiter: str | None = None,
+          evaluators=None,
           reproduces: str = SCRIPT, **_) -> dict:
     return common.run(records, evaluators or EVALUATORS, reproduces=reproduces,
                       similarity=sentence_similarity, tokenizer=tokenizer, rng_seed=random_seed,
+                      meteor=meteor,
                       delimiter=resolve_delimiter(delimiter), with_evi=True)
 
 

@@ -167,16 +167,16 @@ TaskEvaluator = Callable[[list, Context], dict]
 
 def run(records: Sequence, evaluators: Mapping[str, TaskEvaluator], *, reproduces: str,
         similarity: SentenceSimilarity | None, tokenizer: str, rng_seed: int | None,
-        delimiter: str, with_evi: bool) -> dict[str, Any]:
+        delimiter: str, with_evi: bool, meteor: bool = True) -> dict[str, Any]:
     """Validates, groups, evaluates every (task, source) and summarizes like the scripts."""
     validate(records)
     notes: list[str] = []
     rng = random.Random(rng_seed) if rng_seed is not None else random
     grouped = group(records)
     needs_captions = any(t in grouped for t in ("dvc", "slc"))
-    meteor = coco_caption.Meteor() if needs_captions else None
+    meteor_scorer = coco_caption.Meteor() if needs_captions and meteor else None
     context = Context(similarity=similarity, tokenizer=coco_caption.CaptionTokenizer(tokenizer),
-                      meteor=meteor, rng=rng, delimiter=delimiter, notes=notes)
+                      meteor=meteor_scorer, rng=rng, delimiter=delimiter, notes=notes)
     collected: dict[str, dict] = {}
     failures: list[str] = []
     try:
@@ -189,12 +189,12 @@ def run(records: Sequence, evaluators: Mapping[str, TaskEvaluator], *, reproduce
                     failures.append(f"{task}/{source}: {type(error).__name__}: {error}")
                     collected.setdefault(task, {})[source] = None
     finally:
-        if meteor is not None:
-            meteor.close()
+        if meteor_scorer is not None:
+            meteor_scorer.close()
     if similarity is None and any(t in grouped for t in ("rar", "eca", "rvq", "gvq", "dvc", "slc")):
         notes.append(UNAVAILABLE)
-    if needs_captions and (meteor is None or not meteor.available):
-        notes.append("METEOR unavailable (needs pycocoevalcap and java): reported as None")
+    if needs_captions and (meteor_scorer is None or not meteor_scorer.available):
+        notes.append("METEOR not computed (off, or pycocoevalcap / java missing): reported as None")
     if needs_captions:
         notes.append(f"caption tokenizer: {context.tokenizer.backend}")
     if rng_seed is None and needs_captions:
