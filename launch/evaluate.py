@@ -142,7 +142,9 @@ def main(argv):
     if benchmark != "synthetic":
         try:
             protocol = scoring.get_protocol(_PROTOCOL.value or DEFAULT_PROTOCOL[benchmark]).name
-            similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
+            similarity, similarity_name = None, "not needed"
+            if benchmark == "etbench":  # multiple choice and captions use it
+                similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
         except scoring.ScoringError as e:
             fail(str(e))
     is_main = jax.process_index() == 0

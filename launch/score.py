@@ -59,7 +59,9 @@ def main(argv):
             raise scoring.ScoringError(f"--caption_tokenizer must be auto, stanford or python, got "
                                        f"{_TOKENIZER.value!r}")
         records = records_lib.load_predictions(_PREDICTIONS.value, keep=protocol.keep_file)
-        similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
+        similarity, similarity_name = None, "not needed (no multiple-choice or caption task)"
+        if scoring.needs_similarity(records):
+            similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
         options = {"tokenizer": _TOKENIZER.value, "random_seed": _SEED.value, "delimiter": _DELIMITER.value,
                    "meteor": _METEOR.value}
         document = scoring.score_records(records, protocol.name, similarity=similarity,

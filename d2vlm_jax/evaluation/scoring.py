@@ -37,6 +37,14 @@ def resolve_similarity(choice: str) -> tuple[sentsim.SentenceSimilarity | None, 
     return similarity, f"all-MiniLM-L6-v2 ({similarity.model_path})"
 
 
+SIMILARITY_TASKS = ("rar", "eca", "evc", "rvq", "gvq", "dvc", "slc")
+
+
+def needs_similarity(records: Sequence[Mapping]) -> bool:
+    """Whether any record's task can use sentence similarity (multiple choice, captions)."""
+    return any(isinstance(r, Mapping) and r.get("task") in SIMILARITY_TASKS for r in records)
+
+
 def get_protocol(name: str) -> protocols.Protocol:
     try:
         return protocols.get(name)
