@@ -289,7 +289,7 @@ def test_evaluate_matches_training_evaluation(checkpoint, tmp_path):
 
 
 def test_evaluate_charades_benchmark(checkpoint, tmp_path):
-    """A Charades-STA-format file: converted, generated, scored by metrics.py (R@0.3/0.5/0.7, mIoU)."""
+    """A Charades-STA-format file: converted, generated, scored by the d2vlm_jax protocol (R@0.3/0.5/0.7, mIoU)."""
     from d2vlm_jax.evaluation.protocols import project as metrics_lib
 
     samples = [s for s in json.load(open(os.path.join(checkpoint["data_dir"], "val.json"))) if s["task"] == "tvg"]
