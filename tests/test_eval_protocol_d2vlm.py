@@ -16,7 +16,8 @@ def src(protocol, records, task=None, source="s", **kw):
 
 
 def test_d2vlm_interval_parsing():
-    assert answers.d2vlm_grounding_intervals("0 - 5</evi> at 3 - 10", "</evi>") == ([[3.0, 10.0]], [[0.0, 5.0]])
+    parse = answers.d2vlm_grounding_intervals
+    assert parse("0 - 5</evi> at 3 - 10", "</evi>") == ([[3.0, 10.0]], [[0.0, 5.0]])
     assert answers.d2vlm_grounding_intervals("at 3 - 10", "</evi>") == (None, None)  # no delimiter
     # the delimiter is matched case-insensitively here; the evidence is NOT reordered
     assert answers.d2vlm_grounding_intervals("9 - 2</EVI> 1 - 4", "</evi>") == ([[1.0, 4.0]], [[9.0, 2.0]])
@@ -25,7 +26,7 @@ def test_d2vlm_interval_parsing():
     with pytest.raises(answers.ScriptCrash):
         answers.d2vlm_grounding_intervals("12.. - 15</evi> x", "</evi>")
     # several delimiters: grounding = first piece, answer = last piece
-    assert answers.d2vlm_grounding_intervals("1 - 2</evi> 3 - 4</evi> 5 - 6", "</evi>") == ([[5.0, 6.0]], [[1.0, 2.0]])
+    assert parse("1 - 2</evi> 3 - 4</evi> 5 - 6", "</evi>") == ([[5.0, 6.0]], [[1.0, 2.0]])
 
 
 def test_tvg_max_over_answer_intervals_and_evi():
@@ -95,7 +96,8 @@ def test_gvq_evidence_default_zero_interval():
 
 def test_dvc_answer_piece_dots_and_evidence_detection():
     g = {"tgt": [[0, 5], [5, 10]], "g": ["a man walks", "he sits down"]}
-    records = [rec("dvc", "0 - 5, 5 - 10</evi> 0 - 5 seconds, a man walks... 5 - 10 seconds, he sits.", 0, **g)]
+    answer = "0 - 5, 5 - 10</evi> 0 - 5 seconds, a man walks... 5 - 10 seconds, he sits."
+    records = [rec("dvc", answer, 0, **g)]
     out = src("d2vlm", records)
     assert out["F1@0.5"] == 1.0 and out["F1_evi@0.5"] == 1.0
     records = [rec("dvc", "70 - 80</evi> 0 - 5 seconds, a man walks.", 0, **g)]

@@ -1,4 +1,5 @@
-"""The project's protocol (d2vlm_jax): metrics against hand-computed values (SPEC §6), CIDEr-D, and the task dispatcher."""
+"""The project's protocol (d2vlm_jax): metrics against hand-computed values, CIDEr-D,
+and the task dispatcher."""
 
 import math
 import re

@@ -220,12 +220,23 @@ def compare(theirs: dict, printed: dict, ours: dict, tolerance: float) -> tuple[
     return compared, worst, bad
 
 
+def run_ours(args, protocol, preds, seed, env, standin, run_dir) -> tuple[dict, float]:
+    ours_path = os.path.join(run_dir, "ours.json")
+    start = time.time()
+    out = subprocess.run([args.our_python, "-c", RUN_OURS, standin, protocol, preds, str(seed),
+                          args.caption_tokenizer, ours_path], env=dict(env, PYTHONPATH=ROOT),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"our protocol {protocol} failed:\n{out.stderr[-3000:]}")
+    return json.load(open(ours_path)), round(time.time() - start, 1)
+
+
 def run_round(args, protocol: str, round_index: int, workdir: str, standin: str) -> dict:
     script_name, log_name = SCRIPTS[protocol]
     seed = args.seed * 1000 + round_index
     rng = random.Random(seed)
     from d2vlm_jax.evaluation.messy_records import messy_records
-    records = messy_records(rng, per_task=args.per_task, sources=args.sources)
+    records = messy_records(rng, per_task=args.per_task, sources=args.sources, crashers=args.crashers)
     run_dir = os.path.join(workdir, f"{protocol}_round{round_index}")
     preds = os.path.join(run_dir, "etbench")
     os.makedirs(preds, exist_ok=True)
@@ -241,8 +252,17 @@ def run_round(args, protocol: str, round_index: int, workdir: str, standin: str)
     out = subprocess.run([args.python, "-c", RUN_SCRIPT, str(seed), script, preds], env=env,
                          cwd=run_dir, capture_output=True, text=True)
     script_seconds = time.time() - start
-    if out.returncode != 0:
+    script_failed = out.returncode != 0
+    if script_failed and not args.crashers:
         raise RuntimeError(f"{script_name} failed:\n{out.stderr[-3000:]}")
+    if script_failed:  # --crashers: our protocol must report a failure too
+        ours = run_ours(args, protocol, preds, seed, env, standin, run_dir)[0]
+        error = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"
+        bad = [] if ours.get("script_failure") else [f"the script failed ({error}), ours did not"]
+        return {"protocol": protocol, "round": round_index, "records": len(records),
+                "metrics_compared": 1, "max_abs_diff": 0.0, "mismatches": bad,
+                "script_seconds": round(script_seconds, 1), "our_seconds": 0.0,
+                "script_error": error, "our_failure": ours.get("script_failure")}
     if protocol.startswith("etbench"):
         metrics_path = os.path.join(preds, "metrics.json")
     else:
@@ -252,15 +272,8 @@ def run_round(args, protocol: str, round_index: int, workdir: str, standin: str)
     printed = parse_log(os.path.join(preds, log_name))
     # our side reads the same directory (the official script wrote metrics.json into it,
     # which its listing rule -- and so our protocol -- skips)
-    ours_path = os.path.join(run_dir, "ours.json")
-    start = time.time()
-    out = subprocess.run([args.our_python, "-c", RUN_OURS, standin, protocol, preds, str(seed),
-                          args.caption_tokenizer, ours_path], env=dict(env, PYTHONPATH=ROOT),
-                         capture_output=True, text=True)
-    our_seconds = time.time() - start
-    if out.returncode != 0:
-        raise RuntimeError(f"our protocol {protocol} failed:\n{out.stderr[-3000:]}")
-    ours = json.load(open(ours_path))
+    ours, our_seconds = run_ours(args, protocol, preds, seed, env, standin, run_dir)
+
     compared, worst, bad = compare(theirs, printed, ours, args.tolerance)
     if ours.get("script_failure"):
         bad.append(f"ours reports a script failure the script did not have: {ours['script_failure']}")
@@ -310,6 +323,9 @@ def main() -> int:
                         help="stand-in similarity; coarse rounds to 0.1 (many ties)")
     parser.add_argument("--caption_tokenizer", choices=("stanford", "python"), default="stanford")
     parser.add_argument("--tolerance", type=float, default=1e-6)
+    parser.add_argument("--crashers", action="store_true",
+                        help="include inputs that crash the scripts; a crash must be reported by "
+                        "our protocol as script_failure (use a small --per_task)")
     parser.add_argument("--workdir", default=None, help="default: a new temporary directory")
     parser.add_argument("--report", default=None, help="write the per-round results as JSON")
     parser.add_argument("--check_tokenizer", type=int, default=0, metavar="N",

@@ -141,7 +141,8 @@ def _letter_answer(rng, options: list, crashers) -> str:
         f"({letter})", f"({letter}) {option}", f"{letter}.", f"{letter}", f"{letter.lower()})",
         f"Best option: ({letter})", f"best option: {letter}", f"{letter}, {option}",
         f"The answer is ({letter}).", f"I think {letter} is right", f"{option}",
-        f"  ( {letter} ) {option}", f"{letter}:{option}", "", f"({letter.lower()}) and ({rng.choice(letters)})",
+        f"  ( {letter} ) {option}", f"{letter}:{option}", "",
+        f"({letter.lower()}) and ({rng.choice(letters)})",
         f"{_filler(rng)}", f"{letter} {option}", f"Option {letter}", f"({letter}", f"{letter}{option}",
     ])
 

@@ -66,8 +66,10 @@ _RULES = [
                 r"|cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l", re.I),
     ("apoword2", r"(?P<tok>[yY]')[A-Za-z]", 0),
     ("fullurl", r"https?://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-]", re.I),
-    ("likelyurl", r"(?:(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4})|(?:(?:[^ \t\n\f\r\"`'<>|.!?(){},\-_$]+\.)+"
-                  r"(?:com|net|org|edu)))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", re.I),
+    # (",-_" is a character RANGE in the Java lexer's class, kept as one here)
+    ("likelyurl", r"(?:(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4})"
+                  r"|(?:(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?:com|net|org|edu)))"
+                  r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", re.I),
     ("email", r"[a-zA-Z0-9][^ \t\n\f\r\"<>|()]*@(?:[^ \t\n\f\r\"<>|().]+\.)+[a-zA-Z]{2,4}", 0),
     ("redaux", r"(?P<tok>'(?:[msd]|re|ve|ll))(?:[^A-Za-z]|$)", re.I),
     ("sredaux", r"[nN]'[tT]", 0),

@@ -39,7 +39,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from d2vlm_jax.evaluation import etbench_answers as answers
-from d2vlm_jax.evaluation.etbench_answers import ScriptCrash
 from d2vlm_jax.evaluation.iou import float32_pairwise_iou, tensor_max
 from d2vlm_jax.evaluation.protocols import Protocol, etbench, register
 from d2vlm_jax.evaluation.protocols import etbench_common as common
