@@ -38,6 +38,8 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of the random strings the autho
                              "unmatched captions with (default: unseeded, as the scripts).")
 _DELIMITER = flags.DEFINE_string("delimiter", None, "D²VLM protocols: grounding/answer delimiter "
                                  "(v2 = 'Answer: ', v3 = '</evi>', the default, or literal text).")
+_SUBSET = flags.DEFINE_string("subset", None, "E.T. Bench subset.json (task -> source -> [idx]): score only "
+                              "those samples, like the scripts' --subset.")
 _METEOR = flags.DEFINE_boolean("meteor", True, "Compute METEOR (java + pycocoevalcap; slow to start).")
 flags.mark_flags_as_required(["protocol", "predictions"])
 
@@ -62,7 +64,14 @@ def main(argv):
         similarity, similarity_name = None, "not needed (no multiple-choice or caption task)"
         if scoring.needs_similarity(records):
             similarity, similarity_name = scoring.resolve_similarity(_SENTSIM.value)
-        options = {"tokenizer": _TOKENIZER.value, "random_seed": _SEED.value, "delimiter": _DELIMITER.value,
+        subset = None
+        if _SUBSET.value:
+            try:
+                with open(_SUBSET.value) as f:
+                    subset = json.load(f)
+            except (OSError, json.JSONDecodeError) as error:
+                raise scoring.ScoringError(f"--subset {_SUBSET.value}: {error}") from None
+        options = {"tokenizer": _TOKENIZER.value, "subset": subset, "random_seed": _SEED.value, "delimiter": _DELIMITER.value,
                    "meteor": _METEOR.value}
         document = scoring.score_records(records, protocol.name, similarity=similarity,
                                          similarity_name=similarity_name, **options)
@@ -70,6 +79,8 @@ def main(argv):
         fail(f"{_PREDICTIONS.value}: {error}" if isinstance(error, records_lib.EvaluationInputError)
              and not str(error).startswith(_PREDICTIONS.value) else str(error))
     document["predictions"] = os.path.abspath(_PREDICTIONS.value)
+    if _SUBSET.value:
+        document["options"]["subset"] = os.path.abspath(_SUBSET.value)
     print(scoring.format_table(document), flush=True)
     if _OUTPUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

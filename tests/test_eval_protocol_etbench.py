@@ -225,3 +225,14 @@ def test_missing_fields_are_named():
         protocols.score("etbench", [rec("evc", "A", o=OPTIONS, p=0)])
     with pytest.raises(EvaluationInputError, match="field 'o' must be 4 or 5"):
         protocols.score("etbench", [rec("gvq", "A", o=["x"], p=0, tgt=[0, 1])])
+
+
+def test_subset_keeps_listed_samples_and_empty_sources_fail():
+    records = [rec("tvg", "0 - 10", 0, source="a", tgt=[0, 10]),
+               rec("tvg", "nothing", 1, source="a", tgt=[0, 10]),
+               rec("tvg", "0 - 10", 2, source="b", tgt=[0, 10])]
+    result = protocols.score("etbench", records, subset={"tvg": {"a": [0], "b": []}})
+    assert result["tasks"]["tvg"]["sources"]["a"]["F1"] == 1.0  # idx 1 left out
+    assert "tvg/b: ZeroDivisionError" in result["script_failure"]
+    with pytest.raises(EvaluationInputError, match="not in the subset"):
+        protocols.score("etbench", records, subset={})

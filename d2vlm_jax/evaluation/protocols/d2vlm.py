@@ -259,12 +259,12 @@ def resolve_delimiter(delimiter: str | None) -> str:
 
 
 def score(records: Sequence, *, sentence_similarity=None, tokenizer: str = "auto",
-          random_seed: int | None = None, meteor: bool = True, delimiter: str | None = None,
-          evaluators=None,
+          random_seed: int | None = None, meteor: bool = True, subset=None,
+          delimiter: str | None = None, evaluators=None,
           reproduces: str = SCRIPT, **_) -> dict:
     return common.run(records, evaluators or EVALUATORS, reproduces=reproduces,
                       similarity=sentence_similarity, tokenizer=tokenizer, rng_seed=random_seed,
-                      meteor=meteor,
+                      meteor=meteor, subset=subset,
                       delimiter=resolve_delimiter(delimiter), with_evi=True)
 
 

@@ -391,11 +391,11 @@ EVALUATORS = {"tvg": tvg_eval, "epm": tvg_eval, "tem": tem_eval, "tal": tal_eval
 
 
 def score(records: Sequence, *, sentence_similarity=None, tokenizer: str = "auto",
-          random_seed: int | None = None, meteor: bool = True, evaluators=None,
+          random_seed: int | None = None, meteor: bool = True, subset=None, evaluators=None,
           reproduces: str = SCRIPT, **_) -> dict:
     return common.run(records, evaluators or EVALUATORS, reproduces=reproduces,
                       similarity=sentence_similarity, tokenizer=tokenizer, rng_seed=random_seed,
-                      meteor=meteor,
+                      meteor=meteor, subset=subset,
                       delimiter="", with_evi=False)
 
 

@@ -133,11 +133,24 @@ def validate(records: Sequence) -> None:
                 _bad(record, position, "video", "a path string")
 
 
-def group(records: Sequence) -> dict[str, dict[Any, list]]:
-    """``pred[task][source]``: samples in order, tasks and sources in order of first appearance."""
+def group(records: Sequence, subset: Mapping | None = None) -> dict[str, dict[Any, list]]:
+    """``pred[task][source]``: samples in order, tasks and sources in order of first appearance.
+
+    ``subset`` (E.T. Bench's ``subset.json``: task -> source -> [idx]; the scripts'
+    ``--subset``) keeps only the listed samples; a source all of whose samples are left out
+    stays, empty, as in the scripts (whose evaluators then divide by zero).
+    """
     grouped: dict[str, dict[Any, list]] = {}
-    for record in records:
-        grouped.setdefault(record["task"], {}).setdefault(record["source"], []).append(record)
+    for position, record in enumerate(records):
+        samples = grouped.setdefault(record["task"], {}).setdefault(record["source"], [])
+        if subset is not None:
+            sources = subset.get(record["task"])
+            if sources is None:
+                raise EvaluationInputError(f"{describe(record, position)}: task not in the subset "
+                                           "file (the scripts raise KeyError)")
+            if record["source"] not in sources or record["idx"] not in sources[record["source"]]:
+                continue
+        samples.append(record)
     return grouped
 
 
@@ -167,12 +180,13 @@ TaskEvaluator = Callable[[list, Context], dict]
 
 def run(records: Sequence, evaluators: Mapping[str, TaskEvaluator], *, reproduces: str,
         similarity: SentenceSimilarity | None, tokenizer: str, rng_seed: int | None,
-        delimiter: str, with_evi: bool, meteor: bool = True) -> dict[str, Any]:
+        delimiter: str, with_evi: bool, meteor: bool = True,
+        subset: Mapping | None = None) -> dict[str, Any]:
     """Validates, groups, evaluates every (task, source) and summarizes like the scripts."""
     validate(records)
     notes: list[str] = []
     rng = random.Random(rng_seed) if rng_seed is not None else random
-    grouped = group(records)
+    grouped = group(records, subset)
     needs_captions = any(t in grouped for t in ("dvc", "slc"))
     meteor_scorer = coco_caption.Meteor() if needs_captions and meteor else None
     context = Context(similarity=similarity, tokenizer=coco_caption.CaptionTokenizer(tokenizer),
@@ -183,6 +197,8 @@ def run(records: Sequence, evaluators: Mapping[str, TaskEvaluator], *, reproduce
         for task, sources in grouped.items():
             for source, samples in sources.items():
                 try:
+                    if not samples and task != "evs":  # EVS alone divides only if it parsed some
+                        raise ZeroDivisionError("no sample of this source is in the subset")
                     collected.setdefault(task, {})[source] = evaluators[task](samples, context)
                 except (ScriptCrash, coco_caption.CiderCrash, ZeroDivisionError,
                         OverflowError) as error:
