@@ -111,3 +111,98 @@ def test_custom_threshold():
     assert select_interval(probs, threshold=0.4) == (0, 2)
     out = select_interval_jnp(np.asarray([probs], np.float32), np.ones((1, 4), bool), threshold=0.9)
     np.testing.assert_array_equal(np.asarray(out), [[1, 1]])
+
+
+def _jnp_opts(probs, valid=None, **opts):
+    probs = np.asarray(probs, np.float32)[None]
+    valid = np.ones_like(probs, bool) if valid is None else np.asarray(valid, bool)[None]
+    return tuple(int(x) for x in np.asarray(select_interval_jnp(probs, valid, **opts))[0])
+
+
+@pytest.mark.parametrize("arithmetic", ["exact", "float16", "bfloat16"])
+def test_span_tie_rule_runs_from_first_to_last_tied_run(arithmetic):
+    # runs [0.75, 1.0] and [0.875, 0.875] have equal means 0.875; a third run [0.75] less
+    probs = [0.75, 1.0, 0.0, 0.875, 0.875, 0.0, 0.75]
+    for opts, expected in ((dict(tie_rule="first"), (0, 1)), (dict(tie_rule="span"), (0, 4))):
+        assert select_interval(probs, arithmetic=arithmetic, **opts) == expected
+        assert _jnp_opts(probs, arithmetic=arithmetic, **opts) == expected
+    # no tie: both rules agree
+    probs = [0.75, 1.0, 0.0, 0.875, 0.75]
+    assert select_interval(probs, tie_rule="span", arithmetic=arithmetic) == (0, 1)
+    assert _jnp_opts(probs, tie_rule="span", arithmetic=arithmetic) == (0, 1)
+
+
+def test_exact_means_have_no_float32_false_ties():
+    # run A = [x]; run B = [x, x + ulp]: exact mean x + ulp/2 > x, but in float32
+    # x + (x + ulp) rounds to 2x (ties to even), so a float32 mean says "tie".
+    x = np.float32(0.75)
+    y = np.nextafter(x, np.float32(1))
+    assert np.float32(np.float32(x + y) / np.float32(2)) == x      # the float32 false tie
+    probs = np.array([x, 0.0, x, y], np.float32)
+    assert select_interval(probs) == (2, 3)
+    assert _jnp_opts(probs) == (2, 3)
+    assert select_interval(probs, tie_rule="span") == (2, 3)
+
+
+def test_exact_threshold_is_three_fifths_of_the_max():
+    # p = the smallest float32 >= 3/5 * max is kept; float32(0.6) * max (0.6 rounds up to
+    # 0.6000000238) often lies above it, so a float32 comparison would drop it.
+    rng = np.random.default_rng(0)
+    found = 0
+    for top in rng.uniform(0.5, 1.0, 500).astype(np.float32):
+        p = np.float32(float(top) * 0.6)
+        while float(p) * 5 < float(top) * 3:
+            p = np.nextafter(p, np.float32(1))
+        while float(np.nextafter(p, np.float32(0))) * 5 >= float(top) * 3:
+            p = np.nextafter(p, np.float32(0))
+        below = np.nextafter(p, np.float32(0))
+        assert select_interval(np.array([top, p], np.float32)) == (0, 1)
+        assert _jnp_opts([top, p]) == (0, 1)
+        assert select_interval(np.array([top, below], np.float32)) == (0, 0)
+        assert _jnp_opts([top, below]) == (0, 0)
+        found += not p >= np.float32(0.6) * top           # float32 would have dropped it
+    assert found > 10
+
+
+def test_float16_arithmetic_rounds_run_means_like_the_authors():
+    # run B = [1, 1 - 2^-11] has mean 1 - 2^-12, exactly between two fp16 values: it rounds
+    # (to even) to 1.0 and ties run A = [1]; exactly, A wins.
+    probs = np.array([1.0, 0.0, 1.0, 1.0 - 2.0 ** -11], np.float32)
+    assert select_interval(probs, tie_rule="span") == (0, 0)
+    assert select_interval(probs, tie_rule="span", arithmetic="float16") == (0, 3)
+    assert _jnp_opts(probs, tie_rule="span", arithmetic="float16") == (0, 3)
+    # the threshold is dtype(float32(max) * float32(0.6)) and p is rounded to the dtype:
+    # 0.59997 rounds to fp16 0.6001 >= fp16(0.6) = 0.6001 -> kept in float16, not exactly
+    probs = np.array([1.0, 0.59997], np.float32)
+    assert select_interval(probs) == (0, 0)
+    assert select_interval(probs, arithmetic="float16") == (0, 1)
+    assert _jnp_opts(probs, arithmetic="float16") == (0, 1)
+    # an all-zero fp16 curve keeps every frame (the authors return [0, N - 1] too)
+    assert select_interval(np.full(4, 1e-9, np.float32), tie_rule="span", arithmetic="float16") == (0, 3)
+
+
+@pytest.mark.parametrize("arithmetic", ["exact", "float16", "bfloat16"])
+@pytest.mark.parametrize("tie_rule", ["first", "span"])
+def test_numpy_and_jnp_agree_for_every_rule(tie_rule, arithmetic):
+    rng = np.random.default_rng(1)
+    batch, frames = 128, 24
+    quantized = rng.integers(0, 17, size=(batch, frames)).astype(np.float32) / 16.0   # many exact ties
+    logits = rng.normal(0.0, 3.0, (batch, frames)).astype(np.float16)                  # real fp16 curves
+    fp16_curves = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float16).astype(np.float32)
+    lengths = rng.integers(1, frames + 1, size=batch)
+    valid = np.arange(frames)[None, :] < lengths[:, None]
+    fn = jax.jit(lambda p, v: select_interval_jnp(p, v, tie_rule=tie_rule, arithmetic=arithmetic))
+    for probs in (quantized, fp16_curves, rng.random((batch, frames), dtype=np.float32)):
+        out = np.asarray(fn(probs, valid))
+        expected = np.array([select_interval(probs[b], valid[b], tie_rule=tie_rule, arithmetic=arithmetic)
+                             for b in range(batch)])
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="tie_rule"):
+        select_interval([0.5], tie_rule="last")
+    with pytest.raises(ValueError, match="arithmetic"):
+        select_interval_jnp(np.ones((1, 2), np.float32), np.ones((1, 2), bool), arithmetic="float64")
+    with pytest.raises(ValueError, match="denominator"):
+        select_interval([0.5], threshold=0.123456)
