@@ -135,24 +135,30 @@ def naive_sequence(batch_row, tokens, intervals, inject=True):
     return b, evi_positions, evi_intervals, evi_valid, num_prefix + len(tokens) - 1
 
 
-def naive_generate(variables, batch_row, repetition_penalty=1.0):
+def naive_generate(variables, batch_row, repetition_penalty=1.0, *, penalize_prompt=False, exempt=(),
+                   stop=(END,), **interval_options):
     """Greedy grounding-then-answering decoding without a cache (numpy control flow)."""
     step = naive_step_fn()
     frame_valid = batch_row["frame_valid"][0]
+    prompt = set()
+    if penalize_prompt:   # the prompt's text tokens: valid prefix slots that are not frame slots
+        frame_slots = set(batch_row["frame_positions"][0][frame_valid].tolist())
+        prompt = {int(t) for k, (t, v) in enumerate(zip(batch_row["prefix_ids"][0], batch_row["prefix_valid"][0]))
+                  if v and k not in frame_slots}
     tokens, intervals, logprobs, curves = [], [], [], []
     for _ in range(STEPS):
         logits, logp, probs = jax.device_get(step(variables, *naive_sequence(batch_row, tokens, intervals)))
         scores = logits.copy()
         if repetition_penalty != 1.0:
-            for t in set(tokens):
+            for t in (set(tokens) | prompt) - set(exempt):
                 scores[t] = scores[t] / repetition_penalty if scores[t] > 0 else scores[t] * repetition_penalty
         token = int(np.argmax(scores))
         tokens.append(token)
         logprobs.append(float(logp[token]))
         if token == EVI:
-            intervals.append(select_interval(probs, frame_valid))
+            intervals.append(select_interval(probs, frame_valid, **interval_options))
             curves.append(np.where(frame_valid, probs, 0))
-        if token == END:
+        if token in stop:
             break
     return tokens, intervals, np.array(logprobs), curves
 
@@ -222,6 +228,53 @@ def test_repetition_penalty_equals_naive_reference():
         assert rows[r].evidence_intervals == intervals
         np.testing.assert_allclose(np.asarray(out.token_logprobs)[r, :len(tokens)], logprobs, rtol=1e-5, atol=1e-5)
     assert fn.jitted._cache_size() == 1
+
+
+def test_authors_options_equal_naive_reference():
+    """Prompt + generated tokens penalized (<evi> exempt), a per-row penalty, extra stop ids,
+    the span tie rule in float16 arithmetic: the same tokens and intervals as the naive loop."""
+    _, batch, variables = setup()
+    stop = (END, 31)
+    fn = generate_fn(penalize_prompt=True, penalty_exempt_ids=(EVI,), stop_token_ids=(31,),
+                     interval_tie_rule="span", interval_arithmetic="float16")
+    penalties = [1.8, 1.0, 1.8, 1.0]
+    rows = decode.unbatch(fn(variables, batch, repetition_penalty=penalties), EVI)
+    for r in (0, 1, 2):
+        tokens, intervals, logprobs, _ = naive_generate(variables, row(batch, r), penalties[r], penalize_prompt=True,
+                                                        exempt=(EVI,), stop=stop, tie_rule="span",
+                                                        arithmetic="float16")
+        assert rows[r].token_ids == tokens, r
+        assert rows[r].evidence_intervals == intervals, r
+    # the options matter: prompt tokens penalized change row 0, the unpenalized row is greedy
+    assert rows[0].token_ids != decode.unbatch(greedy_output(), EVI)[0].token_ids
+    assert rows[1].token_ids[:len(rows[1].token_ids)] == naive_generate(variables, row(batch, 1), stop=stop)[0]
+    with pytest.raises(ValueError, match="3 repetition penalties for 4 rows"):
+        fn(variables, batch, repetition_penalty=[1.0, 1.2, 1.2])
+    assert fn.jitted._cache_size() == 1
+
+
+def test_prompt_token_mask():
+    batch = {"prefix_ids": np.array([[5, 9, 9, 2, 7]]), "prefix_valid": np.array([[1, 1, 1, 1, 0]], bool),
+             "frame_positions": np.array([[1, 2]]), "frame_valid": np.array([[True, True]])}
+    mask = np.asarray(decode.prompt_token_mask(batch, 10))
+    np.testing.assert_array_equal(np.flatnonzero(mask[0]), [2, 5])      # 9 only at frame slots, 7 padding
+
+
+def test_top_k_keeps_the_k_largest_with_ties():
+    cfg = decode.DecodeConfig(max_new_tokens=1, evi_token_id=0, end_token_id=None, temperature=1.0)
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1], [0.3, 0.3, 0.3, 0.1]], jnp.float32))
+    none_generated = jnp.zeros((2, 4), bool)
+
+    def kept(**knobs):
+        knobs = decode.SamplingKnobs.from_config(cfg, **knobs)
+        return np.isfinite(np.asarray(decode._process_logits(logits, none_generated, knobs, greedy=False)))
+
+    np.testing.assert_array_equal(kept(top_k=2), [[1, 1, 0, 0], [1, 1, 1, 0]])      # ties with the 2nd stay
+    np.testing.assert_array_equal(kept(top_k=0), np.ones((2, 4)))
+    np.testing.assert_array_equal(kept(top_k=9), np.ones((2, 4)))
+    np.testing.assert_array_equal(kept(top_k=3, top_p=0.5), [[1, 1, 0, 0], [1, 1, 1, 0]])   # top-p after top-k
+    with pytest.raises(ValueError, match="top_k"):
+        decode.SamplingKnobs.from_config(cfg, top_k=-1)
 
 
 def test_batched_decoding_equals_one_at_a_time():

@@ -11,12 +11,15 @@ Algorithm (one padded batch, rows independent):
 2. **Decode loop** (``jax.lax.while_loop``, static shapes, compiled once). At every step the
    hidden state of the current last position gives the next-token logits and the
    grounding probabilities ``p_t = sigmoid(s[last, t])`` over the valid frames. The token is
-   chosen (greedy, or temperature / top-p sampling, optional repetition penalty); when it is
-   ``<evi>`` its interval is :func:`~d2vlm_jax.evaluation.intervals.select_interval_jnp` of
-   that ``p`` (the evidence query is the position *before* ``<evi>``, SPEC §1.5), and the
+   chosen (greedy, or temperature / top-k / top-p sampling, optional repetition penalty);
+   when it is ``<evi>`` its interval is
+   :func:`~d2vlm_jax.evaluation.intervals.select_interval_jnp` of that ``p`` (computed only at
+   steps where some row emits ``<evi>``; the evidence query is the position *before*
+   ``<evi>``, SPEC §1.5; tie rule and arithmetic from the config), and the
    embedding fed back is ``embed(<evi>) + mean(F[first..last])`` through
    :func:`~d2vlm_jax.models.d2vlm.inject_evidence` (again the training function).
-3. Rows stop independently at ``<|end|>``. A finished row keeps emitting ``pad``; its later
+3. Rows stop independently at ``<|end|>`` (or any of ``stop_token_ids``). A finished row
+   keeps emitting ``pad``; its later
    slots are never marked valid, so nothing it computes is ever attended to. The loop ends
    when every row has finished or after ``max_new_tokens`` steps.
 
@@ -38,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2vlm_jax.evaluation.intervals import DEFAULT_THRESHOLD, select_interval_jnp
+from d2vlm_jax.evaluation.intervals import ARITHMETICS, DEFAULT_THRESHOLD, TIE_RULES, select_interval_jnp
 from d2vlm_jax.evaluation.parsing import render_interval
 from d2vlm_jax.models import attention as attn_lib
 from d2vlm_jax.models.d2vlm import (D2VLM, build_prefix_embeds, gather_slots, inject_evidence,
@@ -53,21 +56,33 @@ PREFIX_KEYS = ("frames", "frame_valid", "qformer_ids", "qformer_valid", "prefix_
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Decoding settings (hashable). Static: everything except the three sampling knobs
-    ``temperature``, ``top_p`` and ``repetition_penalty``, which are only the *defaults* of
-    runtime arguments (changing them per call does not recompile).
+    """Decoding settings (hashable). Static: everything except the four sampling knobs
+    ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty``, which are only the
+    *defaults* of runtime arguments (changing them per call does not recompile; the penalty
+    may differ per row).
 
     max_new_tokens: decode steps (the cache has ``P + max_new_tokens`` slots).
     evi_token_id / end_token_id: ids of ``<evi>`` and ``<|end|>``; ``end_token_id=None``
       never stops early (benchmarks).
+    stop_token_ids: further ids that end a row (HF ``generate`` stops at every id of the
+      generation config's ``eos_token_id``; Phi-3: ``<|endoftext|>``, ``<|assistant|>``,
+      ``<|end|>``). The stop token is part of the output, as in HF.
     pad_token_id: emitted by rows that have finished.
     temperature: 0 = greedy decoding (argmax; static: a greedy config compiles no sampling
       code and ignores the PRNG); > 0 = sampling from softmax(logits / temperature).
+    top_k: keep the ``top_k`` largest logits (ties with the k-th kept; HF's
+      ``TopKLogitsWarper``, applied after the temperature). 0 = off. Sampling only.
     top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
-      reaches ``top_p`` (the most likely token is always kept). 1 = off. Sampling only.
-    repetition_penalty: CTRL/HF rule on tokens this row has already *generated* (the prompt
-      is not penalized): a logit ``l`` becomes ``l / r`` if ``l > 0`` else ``l * r``. 1 = off.
+      reaches ``top_p`` (the most likely token is always kept), after top-k. 1 = off.
+    repetition_penalty: CTRL/HF rule: a logit ``l`` of a penalized token becomes ``l / r`` if
+      ``l > 0`` else ``l * r`` (once per token, however often it occurred). 1 = off.
+    penalize_prompt: the penalized tokens are the prompt's text tokens (frame slots excluded)
+      and the generated ones (the authors' processor sees HF's whole ``input_ids``); False =
+      the generated tokens only.
+    penalty_exempt_ids: never penalized (the authors exempt ``<evi>``).
     evidence_threshold: relative threshold of the interval rule (SPEC §5.3).
+    interval_tie_rule / interval_arithmetic: ``evaluation.intervals`` options (``"first"`` /
+      ``"span"``; ``"exact"`` / ``"float16"`` / ``"bfloat16"``).
     return_probabilities: also return the grounding curve ``p`` of every ``<evi>`` step.
     """
     max_new_tokens: int
@@ -75,9 +90,15 @@ class DecodeConfig:
     end_token_id: int | None
     pad_token_id: int = 0
     temperature: float = 0.0
+    top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    penalize_prompt: bool = False
+    penalty_exempt_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     evidence_threshold: float = DEFAULT_THRESHOLD
+    interval_tie_rule: str = "first"
+    interval_arithmetic: str = "exact"
     return_probabilities: bool = False
 
     def __post_init__(self):
@@ -91,6 +112,22 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.evidence_threshold <= 1:
             raise ValueError(f"DecodeConfig.evidence_threshold must be in [0, 1], got {self.evidence_threshold}")
+        if self.top_k < 0:
+            raise ValueError(f"DecodeConfig.top_k must be >= 0, got {self.top_k}")
+        if self.interval_tie_rule not in TIE_RULES:
+            raise ValueError(f"DecodeConfig.interval_tie_rule must be one of {TIE_RULES}, got "
+                             f"{self.interval_tie_rule!r}")
+        if self.interval_arithmetic not in ARITHMETICS:
+            raise ValueError(f"DecodeConfig.interval_arithmetic must be one of {ARITHMETICS}, got "
+                             f"{self.interval_arithmetic!r}")
+        object.__setattr__(self, "penalty_exempt_ids", tuple(int(i) for i in self.penalty_exempt_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+
+    @property
+    def all_stop_ids(self) -> tuple[int, ...]:
+        """``end_token_id`` and ``stop_token_ids`` (empty: never stop early)."""
+        ids = () if self.end_token_id is None else (self.end_token_id,)
+        return ids + tuple(i for i in self.stop_token_ids if i not in ids)
 
     @property
     def greedy(self) -> bool:
@@ -186,39 +223,54 @@ def prefill(model: D2VLM, variables, batch: Mapping[str, jax.Array], max_new_tok
 
 
 class SamplingKnobs(NamedTuple):
-    """Runtime sampling parameters (float32 scalars; traced, so changing them never
-    recompiles). ``temperature`` and ``top_p`` are unused by a greedy config."""
+    """Runtime sampling parameters (traced, so changing them never recompiles): float32
+    scalars, ``top_k`` int32, ``repetition_penalty`` a scalar or float32[B] (one per row).
+    ``temperature``, ``top_k`` and ``top_p`` are unused by a greedy config."""
     temperature: jax.Array
     top_p: jax.Array
     repetition_penalty: jax.Array
+    top_k: jax.Array
 
     @staticmethod
     def from_config(config: DecodeConfig, temperature: float | None = None, top_p: float | None = None,
-                    repetition_penalty: float | None = None) -> "SamplingKnobs":
+                    repetition_penalty: float | Sequence[float] | None = None,
+                    top_k: int | None = None) -> "SamplingKnobs":
         values = dict(temperature=config.temperature if temperature is None else temperature,
                       top_p=config.top_p if top_p is None else top_p,
                       repetition_penalty=(config.repetition_penalty if repetition_penalty is None
-                                          else repetition_penalty))
+                                          else repetition_penalty),
+                      top_k=config.top_k if top_k is None else top_k)
         for name, value in values.items():   # the same checks as DecodeConfig, for Python values
             if isinstance(value, (int, float)):
                 dataclasses.replace(config, **{name: value})
+            elif name == "repetition_penalty" and not isinstance(value, jax.Array):
+                for v in np.asarray(value, np.float64).reshape(-1):
+                    dataclasses.replace(config, repetition_penalty=float(v))
         if isinstance(values["temperature"], (int, float)) and (values["temperature"] == 0) != config.greedy:
             raise ValueError("generate: temperature 0 (greedy) and temperature > 0 (sampling) are different "
                              "compiled programs: choose one with DecodeConfig.temperature, then vary it "
                              f"within that mode (config {config.temperature}, call {values['temperature']})")
-        return SamplingKnobs(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+        return SamplingKnobs(**{k: jnp.asarray(v, jnp.int32 if k == "top_k" else jnp.float32)
+                                for k, v in values.items()})
 
 
 def _process_logits(logits: jax.Array, generated: jax.Array, knobs: SamplingKnobs, greedy: bool) -> jax.Array:
-    """Repetition penalty, then (sampling only) temperature and top-p, on float32[B, V]
-    logits; ``generated``: bool[B, V] tokens the row has emitted. Removed tokens get -inf."""
-    r = knobs.repetition_penalty
+    """Repetition penalty, then (sampling only) temperature, top-k and top-p, on float32[B, V]
+    logits (HF's order: processors, then warpers); ``generated``: bool[B, V] penalized tokens
+    of each row. Removed tokens get -inf."""
+    r = jnp.asarray(knobs.repetition_penalty, jnp.float32)
+    r = r[:, None] if r.ndim == 1 else r
     logits = jnp.where(generated, jnp.where(logits > 0, logits / r, logits * r), logits)
     if greedy:
         return logits
     logits = logits / knobs.temperature
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    vocab = logits.shape[-1]
+    k = jnp.where((knobs.top_k > 0) & (knobs.top_k < vocab), knobs.top_k, vocab)
+    kth = jax.lax.dynamic_index_in_dim(sorted_logits, k - 1, axis=-1, keepdims=True)   # [B, 1]
+    sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)           # ties with the k-th stay
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     keep_sorted = (mass_before < knobs.top_p) | (knobs.top_p >= 1.0)
@@ -267,8 +319,11 @@ def generate(model: D2VLM, variables, batch: Mapping[str, jax.Array], config: De
     """
     c = model.config
     vocab = c.llm.vocab_size
-    for name, token_id in (("evi_token_id", config.evi_token_id), ("end_token_id", config.end_token_id),
-                           ("pad_token_id", config.pad_token_id)):
+    checked = [("evi_token_id", config.evi_token_id), ("end_token_id", config.end_token_id),
+               ("pad_token_id", config.pad_token_id)]
+    checked += [("stop_token_ids", i) for i in config.stop_token_ids]
+    checked += [("penalty_exempt_ids", i) for i in config.penalty_exempt_ids]
+    for name, token_id in checked:
         if token_id is not None and not 0 <= token_id < vocab:
             raise ValueError(f"DecodeConfig.{name}={token_id} outside the vocabulary [0, {vocab})")
     if not config.greedy and rng is None:
@@ -292,10 +347,17 @@ def generate(model: D2VLM, variables, batch: Mapping[str, jax.Array], config: De
         token_logprobs=jnp.zeros((b, steps), jnp.float32),
         evi_intervals=jnp.full((b, steps, 2), -1, jnp.int32),
         evi_probs=jnp.zeros((b, steps, n), jnp.float32) if config.return_probabilities else None)
+    exempt = jnp.zeros((vocab,), bool)
+    if config.penalty_exempt_ids:
+        exempt = exempt.at[jnp.asarray(config.penalty_exempt_ids, jnp.int32)].set(True)
+    penalized = jnp.zeros((b, vocab), bool)
+    if config.penalize_prompt:
+        penalized = prompt_token_mask(batch, vocab)
+    stop_ids = jnp.asarray(config.all_stop_ids or (-1,), jnp.int32)
     state = _LoopState(step=jnp.int32(0), cache=pre.cache, valid=pre.layout.valid,
                        last_hidden=pre.last_hidden, last_final=pre.last_final,
                        done=pre.num_prefix == 0,  # padding rows generate nothing
-                       generated=jnp.zeros((b, vocab), bool), rng=rng, out=out)
+                       generated=penalized & ~exempt, rng=rng, out=out)
 
     def cond(s: _LoopState) -> jax.Array:
         return (s.step < steps) & ~jnp.all(s.done)
@@ -311,7 +373,11 @@ def generate(model: D2VLM, variables, batch: Mapping[str, jax.Array], config: De
         token = jnp.where(active, token, config.pad_token_id)
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
         is_evi = active & (token == config.evi_token_id)
-        interval = select_interval_jnp(probs, frame_valid, config.evidence_threshold)  # int32[B, 2]
+        interval = jax.lax.cond(                                                        # int32[B, 2]
+            jnp.any(is_evi),
+            lambda: select_interval_jnp(probs, frame_valid, config.evidence_threshold,
+                                        tie_rule=config.interval_tie_rule, arithmetic=config.interval_arithmetic),
+            lambda: jnp.full((b, 2), -1, jnp.int32))
 
         emb = apply(token[:, None], method=D2VLM.embed)                                # float[B, 1, D]
         emb = inject_evidence(emb, jnp.zeros((b, 1), jnp.int32), interval[:, None], is_evi[:, None],
@@ -324,10 +390,10 @@ def generate(model: D2VLM, variables, batch: Mapping[str, jax.Array], config: De
                     output_hidden_layers=(num_layers - 1,), compute_logits=False, method=D2VLM.run_llm)
 
         o = s.out
-        if config.end_token_id is None:
+        if not config.all_stop_ids:
             stopped = jnp.zeros_like(active)
         else:
-            stopped = active & (token == config.end_token_id)
+            stopped = active & jnp.any(token[:, None] == stop_ids[None, :], axis=1)
         evi_interval = jnp.where(is_evi[:, None], interval, -1)
         new_out = GenerationOutput(
             tokens=o.tokens.at[:, i].set(token),
@@ -336,13 +402,26 @@ def generate(model: D2VLM, variables, batch: Mapping[str, jax.Array], config: De
             token_logprobs=o.token_logprobs.at[:, i].set(jnp.where(active, logprob, 0.0)),
             evi_intervals=o.evi_intervals.at[:, i].set(evi_interval),
             evi_probs=None if o.evi_probs is None else o.evi_probs.at[:, i].set(jnp.where(is_evi[:, None], probs, 0.0)))
-        generated = s.generated | ((jnp.arange(vocab) == token[:, None]) & active[:, None])
+        generated = s.generated | ((jnp.arange(vocab) == token[:, None]) & active[:, None] & ~exempt[None, :])
         return _LoopState(step=i + 1, cache=res.cache, valid=valid,
                           last_hidden=res.hidden_states[num_layers - 1][:, 0].astype(s.last_hidden.dtype),
                           last_final=res.final_hidden[:, 0].astype(s.last_final.dtype),
                           done=s.done | new_out.finished, generated=generated, rng=rng, out=new_out)
 
     return jax.lax.while_loop(cond, body, state).out
+
+
+def prompt_token_mask(batch: Mapping[str, jax.Array], vocab: int) -> jax.Array:
+    """bool[B, V]: the ids of each row's prompt text tokens (valid prefix slots that are not
+    frame slots): what HF's ``input_ids`` holds before generation (the authors' single
+    image placeholder -200 is never a vocabulary id)."""
+    ids = batch["prefix_ids"]
+    b, p = ids.shape
+    is_frame = ((batch["frame_positions"][..., None] == jnp.arange(p)) & batch["frame_valid"][..., None]).any(1)
+    text = batch["prefix_valid"].astype(bool) & ~is_frame
+    ids = jnp.where(text, ids, vocab)                                   # out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+    return jnp.zeros((b, vocab), bool).at[rows, ids].set(True, mode="drop")
 
 
 def select_prefix_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,8 +433,9 @@ def select_prefix_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_generate_fn(model: D2VLM, config: DecodeConfig) -> Callable[..., GenerationOutput]:
-    """A jitted ``fn(variables, batch, rng=None, *, temperature=None, top_p=None,
-    repetition_penalty=None) -> GenerationOutput`` (None = the config's value).
+    """A jitted ``fn(variables, batch, rng=None, *, temperature=None, top_k=None, top_p=None,
+    repetition_penalty=None) -> GenerationOutput`` (None = the config's value;
+    ``repetition_penalty`` may be one value per row).
 
     Host-only and response fields of the batch are dropped before the jitted call, so they
     never change its cache key. Same shapes => no recompilation, whatever the sampling
@@ -364,12 +444,18 @@ def make_generate_fn(model: D2VLM, config: DecodeConfig) -> Callable[..., Genera
     jitted = jax.jit(lambda variables, batch, rng, knobs: generate(model, variables, batch, config, rng, knobs))
 
     def fn(variables, batch: Mapping[str, Any], rng: jax.Array | None = None, *, temperature: float | None = None,
-           top_p: float | None = None, repetition_penalty: float | None = None) -> GenerationOutput:
+           top_k: int | None = None, top_p: float | None = None,
+           repetition_penalty: float | Sequence[float] | None = None) -> GenerationOutput:
         if rng is None:
             if not config.greedy:
                 raise ValueError("generate: sampling (temperature > 0) needs an rng key")
             rng = jax.random.key(0)
-        knobs = SamplingKnobs.from_config(config, temperature, top_p, repetition_penalty)
+        knobs = SamplingKnobs.from_config(config, temperature, top_p, repetition_penalty, top_k)
+        rows = batch["prefix_ids"].shape[0]
+        penalty = jnp.asarray(knobs.repetition_penalty, jnp.float32)
+        if penalty.ndim == 1 and penalty.shape[0] != rows:
+            raise ValueError(f"generate: {penalty.shape[0]} repetition penalties for {rows} rows")
+        knobs = knobs._replace(repetition_penalty=jnp.broadcast_to(penalty, (rows,)))   # one shape: one program
         return jitted(variables, select_prefix_fields(batch), rng, knobs)
 
     fn.jitted = jitted
