@@ -61,6 +61,18 @@ _PROTOCOL = flags.DEFINE_string("protocol", None, "Scoring protocol (launch/scor
                                 "default: d2vlm for etbench (the authors' new_compute_metrics.py), "
                                 "d2vlm_jax (the project's rules) for charades / youcook2.")
 DEFAULT_PROTOCOL = {"etbench": "d2vlm", "charades": "d2vlm_jax", "youcook2": "d2vlm_jax"}
+_DECODING = flags.DEFINE_string("decoding", None, "Decoding preset (d2vlm_jax/inference/presets.py): authors (the "
+                                "authors' E.T. Bench settings: sampling T=0.2, top-k 50, 2048 tokens, per-task "
+                                "repetition penalty, float16, span tie rule) or greedy. Default: authors for "
+                                "--protocol d2vlm / d2vlm_looser, greedy otherwise.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "The model's compute dtype "
+                           "(default: the preset's: float16 for authors, float32 for greedy).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (presets that sample).")
+AUTHORS_DECODING_PROTOCOLS = ("d2vlm", "d2vlm_looser")
+# Protocols that read the answer the way the authors' inference writes it (``a``: their
+# detokenized text with frame-index <evi> and the grounding stage); the project's own
+# protocol reads the project's rendering (seconds, answer stage).
+PROJECT_TEXT_PROTOCOLS = ("d2vlm_jax",)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -96,6 +108,23 @@ def to_schema(records, benchmark: str, file: str):
     report = schema.ValidationReport()
     pairs = list(schema.iter_checked(records, convert, file=file, on_error="skip", report=report))
     return [s for _, s in pairs], [i for i, _ in pairs], report.num_skipped
+
+
+def answer_text(prediction: dict | None, protocol: str) -> str:
+    """The text ``a`` a protocol scores: the authors' text, or the project's rendering."""
+    if prediction is None:
+        return ""
+    if protocol in PROJECT_TEXT_PROTOCOLS:
+        return prediction["prediction"]
+    return prediction["authors_text"] or ""
+
+
+def structured_fields(prediction: dict | None) -> dict:
+    """The project's fields stored next to ``a`` in the authors'-layout file."""
+    if prediction is None:
+        return {"missing": True}
+    keys = ("prediction", "grounding_seconds", "grounding_frames", "evidence_frames", "finished", "num_frames")
+    return {k: prediction[k] for k in keys}
 
 
 def benchmark_record(benchmark: str, raw: dict, answer: str, position: int) -> dict:
@@ -137,6 +166,9 @@ def main(argv):
     from d2vlm_jax.train import evaluation
     from d2vlm_jax.train.loop import format_seconds
 
+    from d2vlm_jax.inference import presets
+    from d2vlm_jax.models.d2vlm import D2VLM
+
     benchmark = _BENCHMARK.value
     protocol = None
     if benchmark != "synthetic":
@@ -163,8 +195,19 @@ def main(argv):
     if batch_size % dp or batch_size % pcount:
         fail(f"--batch_size={batch_size} must be a multiple of the mesh data size {dp} and of the "
              f"{pcount} processes")
-    max_new_tokens = _MAX_NEW_TOKENS.value or (experiment.get("eval_max_new_tokens") if experiment is not None
-                                               else None) or 256
+    try:
+        preset = presets.get_preset(_DECODING.value or ("authors" if protocol in AUTHORS_DECODING_PROTOCOLS
+                                                        else "greedy"))
+    except ValueError as e:
+        fail(str(e))
+    dtype = _DTYPE.value or preset.dtype
+    max_new_tokens = _MAX_NEW_TOKENS.value or preset.max_new_tokens or (
+        experiment.get("eval_max_new_tokens") if experiment is not None else None) or 256
+    decode_config = presets.decode_config(preset, loaded.tokenizer, max_new_tokens=max_new_tokens, dtype=dtype)
+    model = D2VLM(presets.with_compute_dtype(loaded.model_config, dtype))
+    decoding = {"preset": preset.to_json(), "dtype": dtype, "max_new_tokens": max_new_tokens, "seed": _SEED.value,
+                "interval_arithmetic": decode_config.interval_arithmetic,
+                "stop_token_ids": list(decode_config.all_stop_ids)}
 
     raw_records, raw_index, num_invalid = None, None, 0
     eval_path = annotations
@@ -195,7 +238,7 @@ def main(argv):
     if is_main:
         print(f"evaluating {loaded.layout.params_dir} on {annotations} ({benchmark}, {num_samples} samples, "
               f"{pcount} process(es), {jax.device_count()} device(s), global batch {batch_size}, "
-              f"max_new_tokens {max_new_tokens})", flush=True)
+              f"decoding {preset.name} in {dtype}, max_new_tokens {max_new_tokens})", flush=True)
     start = time.time()
     first_batch_s = []
 
@@ -215,9 +258,10 @@ def main(argv):
     try:
         with jax.set_mesh(loaded.mesh):
             metrics = evaluation.evaluate_annotations(
-                loaded.model, loaded.params, data_config=data, tokenizers=loaded.tokenizers, mesh=loaded.mesh,
+                model, loaded.params, data_config=data, tokenizers=loaded.tokenizers, mesh=loaded.mesh,
                 global_batch_size=batch_size, max_new_tokens=max_new_tokens, loss_config=loss_config,
-                predictions=predictions, progress=progress, stats=stats)
+                predictions=predictions, progress=progress, stats=stats, decode_config=decode_config,
+                penalty_for_task=lambda task: preset.penalties([task])[0], seed=_SEED.value)
     except pipeline.DataError as e:
         fail(str(e))
     if stats.num_skipped and pcount == 1:
@@ -243,18 +287,22 @@ def main(argv):
         blind = {}
         if experiment is not None and os.path.isfile(data.get("train_annotations") or ""):
             blind = evaluation.video_blind_reference(data.train_annotations, annotations)
-        report = evaluation.write_report(metrics, blind, predictions, out_dir)
+        report = evaluation.write_report(metrics, blind, predictions, out_dir, decoding=decoding)
         report["num_skipped"] = stats.num_skipped
         print(f"elapsed {format_seconds(time.time() - start)}", flush=True)
         return
 
     by_index = {p["index"]: p for p in predictions}
-    records, missing = [], 0
+    records, authors_layout, missing = [], [], 0
     for k, raw_position in enumerate(raw_index):
         prediction = by_index.get(k)
         missing += prediction is None
-        records.append(benchmark_record(benchmark, raw_records[raw_position],
-                                        "" if prediction is None else prediction["prediction"], raw_position))
+        records.append(benchmark_record(benchmark, raw_records[raw_position], answer_text(prediction, protocol),
+                                        raw_position))
+        authors_layout.append(presets.authors_record(
+            raw_records[raw_position], answer_text(prediction, "authors"),
+            0 if prediction is None else prediction["prompt_tokens"], structured_fields(prediction)))
+    unrendered = sum(1 for p in predictions if p["authors_text"] is None)
     try:
         document = scoring.score_records(records, protocol, similarity=similarity,
                                          similarity_name=similarity_name)
@@ -266,16 +314,26 @@ def main(argv):
     if num_invalid or missing:
         result["notes"].append(f"{num_invalid} invalid annotation(s) left out; {missing} sample(s) whose video "
                                f"could not be used scored as misses")
+    if unrendered:
+        result["notes"].append(f"{unrendered} answer(s) spell a literal <evi> with ordinary tokens: their "
+                               f"authors' text is empty (the authors' detokenize would assert)")
+    # the authors' layout alone in its own folder: their scripts read every .json of --pred_path
+    authors_dir = os.path.join(out_dir, benchmark)
+    os.makedirs(authors_dir, exist_ok=True)
+    with open(os.path.join(authors_dir, f"{benchmark}_predictions.json"), "w") as f:
+        json.dump(authors_layout, f, indent=1)
     with open(os.path.join(out_dir, "predictions.json"), "w") as f:
         json.dump(predictions, f, indent=1)
     with open(os.path.join(out_dir, "benchmark_records.json"), "w") as f:
         json.dump(records, f, indent=1)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"benchmark": benchmark, **document, "result": result, "generation": metrics}, f, indent=2,
+        json.dump({"benchmark": benchmark, **document, "decoding": decoding, "result": result,
+                   "generation": metrics}, f, indent=2,
                   default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
     print(scoring.format_table({**document, "result": result}), flush=True)
     print(f"predictions: {out_dir}/predictions.json  records: {out_dir}/benchmark_records.json  "
-          f"metrics: {out_dir}/metrics.json  (elapsed {format_seconds(time.time() - start)})", flush=True)
+          f"authors' layout: {authors_dir}/  metrics: {out_dir}/metrics.json  "
+          f"(elapsed {format_seconds(time.time() - start)})", flush=True)
 
 
 if __name__ == "__main__":

@@ -344,3 +344,85 @@ def test_etbench_conversion_and_scoring():
     document = scoring.score_records(records, "d2vlm_jax")
     assert document["result"]["tasks"] == metrics_lib.evaluate_predictions(records)["tasks"]
     assert "tvg" in scoring.format_table(document)
+
+
+ETBENCH_TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
+
+
+def etbench_records(samples) -> list:
+    """One E.T. Bench-layout record per task (all 12, so the authors' script's final merged
+    table has every entry), on the smoke videos."""
+    records = []
+    for k, task in enumerate(ETBENCH_TASKS):
+        s = samples[k % len(samples)]
+        start, end = (float(x) for x in s["events"][0]) if s["events"] else (1.0, 3.0)
+        record = {"idx": k, "task": task, "source": "synthetic", "video": s["video"], "duration": s["duration"],
+                  "q": f"<image>\nQuestion for {task}?"}
+        if task in ("rar", "eca", "rvq", "gvq"):
+            record.update(o=["red circle", "blue square", "green star", "yellow cross"], p=k % 4)
+        if task in ("tvg", "epm", "gvq"):
+            record["tgt"] = [start, end]
+        elif task in ("tal", "evs", "vhd", "tem"):
+            record["tgt"] = [[start, end]]
+        elif task in ("dvc", "slc"):
+            record.update(tgt=[[start, end], [end, end + 1.0]], g=["a red circle appears.", "it moves away."])
+        records.append(record)
+    return records
+
+
+def test_evaluate_etbench_authors_layout_and_decoding(checkpoint, tmp_path):
+    """--benchmark etbench with the defaults (protocol d2vlm -> decoding 'authors' in float16):
+    the authors'-layout file (input record + ``a`` + ``token length``) holds the authors'
+    detokenized text (grounding stage, ``</evi>``, frame-index ``<evi>`` with its trailing
+    space, ``<|end|>`` cut off), the project's d2vlm protocol parses its grounding stage, and
+    metrics.json records the decoding."""
+    import re
+
+    from d2vlm_jax.evaluation import scoring
+
+    samples = json.load(open(os.path.join(checkpoint["data_dir"], "val.json")))
+    raw = etbench_records(samples)
+    annotations = tmp_path / "etbench.json"
+    annotations.write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    result = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations", annotations,
+                          "--video_root", checkpoint["data_dir"], "--benchmark", "etbench", "--output_dir", out,
+                          "--max_new_tokens", 8, "--sentsim", "none")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "decoding authors in float16" in result.stdout
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["protocol"] == "d2vlm"
+    decoding = metrics["decoding"]
+    assert decoding["preset"]["name"] == "authors" and decoding["dtype"] == "float16"
+    assert decoding["interval_arithmetic"] == "float16" and decoding["preset"]["interval_tie_rule"] == "span"
+    assert decoding["preset"]["temperature"] == 0.2 and decoding["preset"]["top_k"] == 50
+    assert os.listdir(out / "etbench") == ["etbench_predictions.json"]   # alone: the scripts read every .json
+    written = json.load(open(out / "etbench" / "etbench_predictions.json"))
+    assert len(written) == len(raw)
+    for record, source in zip(written, raw):
+        assert {k: record[k] for k in source} == source                    # the input record, unchanged
+        assert isinstance(record["token length"], int) and record["token length"] > 3
+        frames = record["d2vlm_jax"]["evidence_frames"]
+        # the crafted model answers <evi></evi><|end|>: "first - last </evi>" in frame indices
+        assert len(frames) == 1 and record["d2vlm_jax"]["finished"], record
+        assert record["a"] == f"{frames[0][0]} - {frames[0][1]} </evi>", record["a"]
+        assert re.fullmatch(r"\d+ - \d+ </evi>", record["a"])
+        assert record["d2vlm_jax"]["grounding_frames"] == frames
+    # the benchmark records scored are the same texts; the project's d2vlm protocol reads the
+    # grounding stage (the *_evi metrics) and sees an empty answer stage
+    bench = json.load(open(out / "benchmark_records.json"))
+    assert [r["a"] for r in bench] == [r["a"] for r in written]
+    again = scoring.score_records(bench, "d2vlm")["result"]
+    assert {k: metrics["result"][k] for k in again} == again
+    from d2vlm_jax.evaluation import etbench_answers
+    for record in written:
+        answer, evidence = etbench_answers.d2vlm_grounding_intervals(record["a"], "</evi>")
+        assert not answer and evidence == [[float(x) for x in record["d2vlm_jax"]["evidence_frames"][0]]]
+    assert metrics["result"]["tasks"]["tvg"]["sources"]["synthetic"]["Failed"] == 1    # no answer stage
+    # the project's own protocol reads the project's rendering (seconds, answer stage)
+    project = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations", annotations,
+                           "--video_root", checkpoint["data_dir"], "--benchmark", "etbench", "--output_dir",
+                           tmp_path / "out2", "--max_new_tokens", 8, "--protocol", "d2vlm_jax", "--sentsim", "none")
+    assert project.returncode == 0, project.stdout[-2000:] + project.stderr[-3000:]
+    assert "decoding greedy in float32" in project.stdout
+    assert json.load(open(tmp_path / "out2" / "metrics.json"))["decoding"]["preset"]["name"] == "greedy"

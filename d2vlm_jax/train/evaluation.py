@@ -4,7 +4,8 @@ Two kinds of numbers:
 
 * **teacher-forced** (cheap): the SFT loss terms and the grounding accuracy (argmax frame of
   each evidence query inside its GT interval) with the ground-truth response fed in;
-* **generated** (the real task): greedy grounding-then-answering decoding
+* **generated** (the real task): grounding-then-answering decoding (greedy unless a
+  decoding preset is given)
   (``d2vlm_jax.inference.decode``); the first grounding-stage interval of every temporal
   grounding (``tvg``) question is compared with the ground truth: R@{0.3, 0.5, 0.7} and
   mIoU. Intervals are compared as frame spans at the sampling rate (``[first, last + 1)``
@@ -19,6 +20,7 @@ processes, predictions stay per process (``launch/evaluate.py`` merges them).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping
 
@@ -31,7 +33,10 @@ from d2vlm_jax import config as cfg_lib
 from d2vlm_jax import losses, objective, sharding
 from d2vlm_jax.data import pipeline, schema
 from d2vlm_jax.inference import decode as decode_lib
+from d2vlm_jax.inference import presets
 from d2vlm_jax.models.d2vlm import D2VLM
+
+logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 
@@ -68,6 +73,15 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
     return gathered.reshape(jax.process_count(), 2, -1).sum(axis=(0, 1))
 
 
+def _all_process_rows(local: np.ndarray) -> np.ndarray:
+    """float32[local rows] of every process, concatenated in process order (the global
+    batch's row order of ``sharding.host_batch_to_global``)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1)
+
+
 def process_local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in the order of its host batch
     (``jax.make_array_from_process_local_data`` put them on the addressable shards in order)."""
@@ -84,8 +98,11 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
                          loss_config: losses.LossConfig | None = None, max_batches: int | None = None,
                          predictions: list | None = None,
                          progress: Callable[[int, int], None] | None = None,
-                         stats: pipeline.PipelineStats | None = None) -> dict[str, float]:
-    """One pass of greedy grounding-then-answering generation over ``data_config.eval_annotations``.
+                         stats: pipeline.PipelineStats | None = None,
+                         decode_config: decode_lib.DecodeConfig | None = None,
+                         penalty_for_task: Callable[[str], float] | None = None,
+                         seed: int = 0) -> dict[str, float]:
+    """One pass of grounding-then-answering generation over ``data_config.eval_annotations``.
 
     The one evaluation code path: the training run (:func:`evaluate`, :func:`final_report`) and
     ``launch/evaluate.py`` both call it.
@@ -105,6 +122,11 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
         (:func:`prediction_record`).
       progress: ``progress(batches_done, batches_total)`` after every batch.
       stats: filled with the pipeline's skip counts.
+      decode_config: the decoding settings (default: greedy, ``max_new_tokens``, stop at
+        ``<|end|>``; ``inference.presets.decode_config`` builds the named presets).
+      penalty_for_task: repetition penalty of a row from its sample's task (default: the
+        config's value for every row).
+      seed: sampling seed (batch ``i`` samples with ``fold_in(key(seed), i)``).
     Returns:
       ``tvg/R@{0.3,0.5,0.7}``, ``tvg/mIoU``, ``tvg/num`` (first grounding interval of every
       ``tvg`` sample vs its first GT event, as frame spans), ``answer/exact_match`` and, with
@@ -118,8 +140,8 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
     if loss_config is not None:
         tf_fn = jax.jit(lambda p, b: (objective.loss_and_metrics(model, p, b, loss_config, stage="sft")[1],
                                       losses.normalizers(b)))
-    dcfg = decode_lib.DecodeConfig(max_new_tokens=max_new_tokens, evi_token_id=tokenizer.evi_id,
-                                   end_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
+    dcfg = decode_config or decode_lib.DecodeConfig(max_new_tokens=max_new_tokens, evi_token_id=tokenizer.evi_id,
+                                                    end_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
     gen_fn = decode_lib.make_generate_fn(model, dcfg)
     samples, indices, _ = pipeline.read_annotations(data_config.eval_annotations)
     by_index = dict(zip(indices, samples))
@@ -143,7 +165,13 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
             for k, w in _WEIGHT.items():
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * float(norm[w])
                 dens[k] = dens.get(k, 0.0) + float(norm[w])
-        rows = decode_lib.unbatch(jax.tree.map(process_local_rows, gen_fn({"params": params}, dev)),
+        rng = None if dcfg.greedy else jax.random.fold_in(jax.random.key(seed), batch_index)
+        penalties = None
+        if penalty_for_task is not None:   # one value per global row (this process's rows are its slice)
+            local = [penalty_for_task(by_index[int(e)].task) if int(e) >= 0 else 1.0 for e in host["example_id"]]
+            penalties = _all_process_rows(np.asarray(local, np.float32))
+        rows = decode_lib.unbatch(jax.tree.map(process_local_rows, gen_fn({"params": params}, dev, rng,
+                                                                          repetition_penalty=penalties)),
                                   tokenizer.evi_id)
         for r, row in enumerate(rows):
             example_id = int(host["example_id"][r])
@@ -191,9 +219,19 @@ def prediction_record(row: decode_lib.RowResult, host: Mapping[str, np.ndarray],
         ids, row.evidence_intervals, lambda t: tokenizer.decode(t), host["frame_times"][r],
         evi_token_id=tokenizer.evi_id, evi_end_token_id=tokenizer.evi_end_id,
         stop_token_ids=(tokenizer.end_id, tokenizer.pad_id))
+    try:
+        authors = presets.authors_text(ids, row.evidence_intervals, lambda t: tokenizer.decode(t))
+    except ValueError as e:      # a literal "<evi>" spelled by ordinary tokens: counted by the caller
+        authors = None
+        logger.warning("sample %d: %s", int(host["example_id"][r]), e)
+    num_frames = int(np.asarray(host["frame_valid"][r]).sum())
     return {"index": int(host["example_id"][r]), "video": sample.video, "task": sample.task,
             "question": sample.question, "gt_answer": sample.answer,
             "gt_events": [list(e) for e in sample.events], "prediction": text,
+            "authors_text": authors,
+            "prompt_tokens": int(np.asarray(host["prefix_valid"][r]).sum()) - num_frames + 1,
+            "finished": row.finished, "num_frames": num_frames,
+            "evidence_frames": [list(iv) for iv in row.evidence_intervals],
             "grounding_seconds": [list(s) for s in seconds],
             "grounding_frames": [list(g) for g in grounding], "gt_frames": [list(g) for g in gt],
             "iou": iou, "answer_match": answer == gt_answer}
@@ -224,10 +262,13 @@ def video_blind_reference(train_annotations: str, eval_annotations: str) -> dict
 
 
 def write_report(metrics: Mapping[str, float], blind: Mapping[str, Any], predictions: list,
-                 out_dir: str) -> dict[str, Any]:
+                 out_dir: str, decoding: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Process 0 writes ``out_dir/predictions.json`` and ``out_dir/metrics.json`` (``{"model":
-    metrics, "video_blind": blind}``) and prints :func:`render_table`; returns that dict."""
+    metrics, "video_blind": blind}``, plus ``"decoding"`` when given) and prints
+    :func:`render_table`; returns that dict."""
     report = {"model": dict(metrics), "video_blind": dict(blind)}
+    if decoding is not None:
+        report["decoding"] = dict(decoding)
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "predictions.json"), "w") as f:
