@@ -39,7 +39,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from d2vlm_jax import cli  # noqa: E402
 
 BENCHMARKS = ("synthetic", "etbench", "charades", "youcook2")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (workdir, stage export or imported).")
@@ -79,9 +81,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 flags.mark_flags_as_required(["checkpoint", "annotations"])
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+fail = cli.fail
 
 
 # ----------------------------------------------------------------------------- benchmark records
@@ -145,8 +145,7 @@ def benchmark_record(benchmark: str, raw: dict, answer: str, position: int) -> d
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.run rejects positional arguments
     import jax
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -155,6 +154,11 @@ def main(argv):
         fail(f"checkpoint directory {_CHECKPOINT.value} does not exist")
     if not os.path.isfile(_ANNOTATIONS.value):
         fail(f"annotation file {_ANNOTATIONS.value} not found")
+    try:
+        with open(_ANNOTATIONS.value, encoding="utf-8") as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"--annotations={_ANNOTATIONS.value}: not valid JSON ({e}); fix the file or pass another one")
     import ml_collections
     import numpy as np
     from d2vlm_jax import config as cfg_lib
@@ -164,7 +168,7 @@ def main(argv):
     from d2vlm_jax.evaluation import scoring
     from d2vlm_jax.inference import runner
     from d2vlm_jax.train import evaluation
-    from d2vlm_jax.train.loop import format_seconds
+    from d2vlm_jax.train.progress import PassProgress, format_seconds
 
     from d2vlm_jax.inference import presets
     from d2vlm_jax.models.d2vlm import D2VLM
@@ -190,6 +194,7 @@ def main(argv):
     out_dir = _OUTPUT_DIR.value or os.path.join(
         os.getcwd(), f"eval_{benchmark}_{os.path.splitext(os.path.basename(annotations))[0]}")
     os.makedirs(out_dir, exist_ok=True)
+    cli.add_log_file(os.path.join(out_dir, "evaluate.log" if pcount == 1 else f"evaluate.process_{pindex}.log"))
     dp = loaded.data_parallel_size
     batch_size = _BATCH_SIZE.value or (experiment.get("eval_batch_size") if experiment is not None else None) or dp
     if batch_size % dp or batch_size % pcount:
@@ -240,19 +245,7 @@ def main(argv):
               f"{pcount} process(es), {jax.device_count()} device(s), global batch {batch_size}, "
               f"decoding {preset.name} in {dtype}, max_new_tokens {max_new_tokens})", flush=True)
     start = time.time()
-    first_batch_s = []
-
-    def progress(done: int, total: int) -> None:
-        if not is_main:
-            return
-        elapsed = time.time() - start
-        if done == 1:
-            first_batch_s.append(elapsed)   # includes compilation: left out of the rate
-        per_batch = (elapsed - first_batch_s[0]) / (done - 1) if done > 1 else elapsed
-        eta = per_batch * (total - done)
-        print(f"[eval] batch {done}/{total} ({100 * done / total:.0f}%) {per_batch:.2f} s/batch "
-              f"| elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}", flush=True)
-
+    progress = PassProgress("[eval]", enabled=is_main)
     stats = pipeline.PipelineStats()
     predictions: list = []
     try:
@@ -263,9 +256,9 @@ def main(argv):
                 predictions=predictions, progress=progress, stats=stats, decode_config=decode_config,
                 penalty_for_task=lambda task: preset.penalties([task])[0], seed=_SEED.value)
     except pipeline.DataError as e:
-        fail(str(e))
-    if stats.num_skipped and pcount == 1:
-        print(f"skipped samples: {stats.summary()}", flush=True)
+        fail(f"{e} (--video_root={data.video_root})")
+    finally:
+        progress.close()
 
     # merge the per-process predictions (shared output directory)
     if pcount > 1:
@@ -287,8 +280,7 @@ def main(argv):
         blind = {}
         if experiment is not None and os.path.isfile(data.get("train_annotations") or ""):
             blind = evaluation.video_blind_reference(data.train_annotations, annotations)
-        report = evaluation.write_report(metrics, blind, predictions, out_dir, decoding=decoding)
-        report["num_skipped"] = stats.num_skipped
+        evaluation.write_report(metrics, blind, predictions, out_dir, decoding=decoding)
         print(f"elapsed {format_seconds(time.time() - start)}", flush=True)
         return
 
@@ -311,6 +303,11 @@ def main(argv):
     result = document.pop("result")
     result["num_invalid_annotations"] = num_invalid
     result["num_skipped_videos"] = missing
+    skipped = {k.split("/")[-1]: int(v) for k, v in metrics.items() if k.startswith("samples/skipped/")}
+    if num_invalid:
+        skipped["invalid_annotation"] = num_invalid
+    result["samples"] = {"seen": len(raw_records), "scored": len(records), "evaluated": len(records) - missing,
+                         "skipped": skipped}
     if num_invalid or missing:
         result["notes"].append(f"{num_invalid} invalid annotation(s) left out; {missing} sample(s) whose video "
                                f"could not be used scored as misses")
@@ -331,10 +328,14 @@ def main(argv):
                    "generation": metrics}, f, indent=2,
                   default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
     print(scoring.format_table({**document, "result": result}), flush=True)
+    counts = result["samples"]
+    print(f"{counts['seen']} records seen, {counts['scored']} scored ({counts['evaluated']} generated; skipped: "
+          + (", ".join(f"{k} {v}" for k, v in counts["skipped"].items()) or "none")
+          + "; unusable videos are scored as misses, invalid records left out)", flush=True)
     print(f"predictions: {out_dir}/predictions.json  records: {out_dir}/benchmark_records.json  "
           f"authors' layout: {authors_dir}/  metrics: {out_dir}/metrics.json  "
           f"(elapsed {format_seconds(time.time() - start)})", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

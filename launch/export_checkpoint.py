@@ -14,7 +14,14 @@ and the un-merged base model under --dst/base (config.json model_name_or_path po
 
 from __future__ import annotations
 
-from absl import app, flags
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags
+
+from d2vlm_jax import cli  # noqa: E402
 
 from d2vlm_jax.weights import d2vlm_checkpoint as ck
 
@@ -37,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,9 +19,15 @@ tokenizer files.
 from __future__ import annotations
 
 import json
-import logging
 
-from absl import app, flags
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags
+
+from d2vlm_jax import cli  # noqa: E402
 
 from d2vlm_jax import sharding
 from d2vlm_jax.weights import d2vlm_checkpoint as ck
@@ -44,7 +50,7 @@ def _parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise app.UsageError(f"--override {item!r}: expected key=value")
+            raise cli.UsageError(f"--override {item!r}: expected key=value")
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -54,7 +60,6 @@ def _parse_overrides(items: list[str]) -> dict:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO)
     mesh = None
     if _MESH.value:
         sizes = {k: int(v) for k, v in (p.split("=") for p in _MESH.value.split(","))}
@@ -74,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,14 +1,15 @@
 r"""Answers one question about one video with a D²VLM checkpoint (SPEC §5).
 
 Examples:
-  python launch/infer.py --checkpoint workdir/synthetic --video data/synthetic/videos/val_0003.mp4 \
+  python launch/infer.py --checkpoint workdir/synthetic --video data/synthetic/videos/val_00003.mp4 \
       --question "When does the red square appear?" --plot /tmp/evidence.png
   python launch/infer.py --checkpoint /ckpt/d2vlm_imported --video clip.mp4 --question "..." --json
 
 --checkpoint takes a training workdir (the last finished stage), <workdir>/<stage>/export,
 or an imported authors' checkpoint (launch/import_checkpoint.py). The prompt is built as
 evaluation builds it; prints the answer with every <evi> rendered as "start - end" seconds
-and the grounded intervals (--json: one JSON object instead).
+and the grounded intervals (--json: one JSON object instead). --plot writes the evidence plot
+(PNG, SVG or PDF by the extension; --ground_truth adds the true interval to it).
 """
 
 import json
@@ -17,7 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from d2vlm_jax import cli  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory (workdir, stage export or imported).")
 _STAGE = flags.DEFINE_string("stage", None, "Stage of a training workdir (default: the last finished one).")
@@ -32,55 +35,45 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FPS = flags.DEFINE_float("fps", None, "Frame sampling rate (default: the checkpoint's data config).")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Most frames sampled (default: the data config's).")
 _QFORMER_VOCAB = flags.DEFINE_string("qformer_vocab", None, "Q-Former vocab.txt overriding the checkpoint's.")
-_PLOT = flags.DEFINE_string("plot", None, "Write the per-frame evidence probabilities of each <evi> as a PNG.")
+_PLOT = flags.DEFINE_string("plot", None, "Write the evidence plot (frames, each <evi>'s per-frame probabilities, "
+                            "threshold, chosen interval) to this .png, .svg or .pdf file.")
+_GROUND_TRUTH = flags.DEFINE_string("ground_truth", "", "True intervals in seconds, 'start-end;start-end', drawn "
+                                    "in the plot (e.g. the sample's 'events').")
 _JSON = flags.DEFINE_boolean("json", False, "Print one JSON object instead of text.")
 flags.mark_flags_as_required(["checkpoint", "video", "question"])
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.run rejects positional arguments
     if not os.path.exists(_CHECKPOINT.value):
-        fail(f"checkpoint directory {_CHECKPOINT.value} does not exist")
+        cli.fail(f"checkpoint directory {_CHECKPOINT.value} does not exist (--checkpoint)")
     if not os.path.isfile(_VIDEO.value):
-        fail(f"video {_VIDEO.value}: file not found")
-    from d2vlm_jax.data.template import ExampleError
-    from d2vlm_jax.data.video import VideoError
-    from d2vlm_jax.inference import plot as plot_lib
+        cli.fail(f"video {_VIDEO.value}: file not found (--video)")
+    if _PLOT.value and os.path.splitext(_PLOT.value)[1].lower() not in (".png", ".svg", ".pdf"):
+        cli.fail(f"--plot={_PLOT.value}: use a .png, .svg or .pdf file name")
+    if not _QUESTION.value.strip():
+        cli.fail("--question is empty")
     from d2vlm_jax.inference import runner
 
     try:
-        question_events = [tuple(float(x) for x in part.split("-")) for part in _QUESTION_EVENTS.value.split(";")
-                           if part.strip()]
-        if any(len(e) != 2 for e in question_events):
-            raise ValueError("expected 'start-end;start-end'")
+        question_events = runner.parse_question_events(_QUESTION_EVENTS.value)
+        ground_truth = runner.parse_question_events(_GROUND_TRUTH.value)
     except ValueError as e:
-        fail(f"--question_events={_QUESTION_EVENTS.value!r}: {e}")
-    try:
-        loaded = runner.load_checkpoint(_CHECKPOINT.value, stage=_STAGE.value, qformer_vocab=_QFORMER_VOCAB.value)
-        prepared = runner.prepare_input(loaded, _VIDEO.value, _QUESTION.value, question_events=question_events,
-                                        fps=_FPS.value,
-                                        max_frames=_MAX_FRAMES.value)
-        dcfg = runner.make_decode_config(loaded, max_new_tokens=_MAX_NEW_TOKENS.value,
-                                         temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                                         return_probabilities=bool(_PLOT.value))
-        result = runner.run_inference(loaded, prepared, dcfg, seed=_SEED.value)
-    except (runner.CheckpointError, VideoError, ExampleError, ValueError) as e:
-        fail(str(e))
-
+        cli.fail(f"--question_events / --ground_truth: {e}")
+    loaded = runner.load_checkpoint(_CHECKPOINT.value, stage=_STAGE.value, qformer_vocab=_QFORMER_VOCAB.value)
+    prepared = runner.prepare_input(loaded, _VIDEO.value, _QUESTION.value, question_events=question_events,
+                                    fps=_FPS.value, max_frames=_MAX_FRAMES.value)
+    runner.check_question_events(ground_truth, prepared.duration, os.path.basename(_VIDEO.value))
+    dcfg = runner.make_decode_config(loaded, max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                                     top_p=_TOP_P.value, return_probabilities=bool(_PLOT.value))
+    result = runner.run_inference(loaded, prepared, dcfg, seed=_SEED.value)
+    for warning in runner.question_warnings(loaded, _QUESTION.value):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if _PLOT.value:
-        labels = [f"<evi> {k + 1} ({e.stage}): {e.seconds[0]:.1f} - {e.seconds[1]:.1f} s  frames {e.frames[0]}-"
-                  f"{e.frames[1]}" for k, e in enumerate(result.evidence)]
-        image = plot_lib.evidence_figure(prepared.frames, prepared.frame_times, [e.probs for e in result.evidence],
-                                         [e.frames for e in result.evidence], labels,
-                                         title=f"{os.path.basename(_VIDEO.value)}: {_QUESTION.value}",
-                                         threshold=dcfg.evidence_threshold)
-        plot_lib.write_png(_PLOT.value, image)
+        from d2vlm_jax import visualize
+        visualize.write_evidence_plot(_PLOT.value, prepared, result, threshold=dcfg.evidence_threshold,
+                                      title=f"{os.path.basename(_VIDEO.value)}: {_QUESTION.value}",
+                                      ground_truth=ground_truth)
 
     if _JSON.value:
         out = result.to_json()
@@ -92,8 +85,7 @@ def main(argv):
     print(f"video: {_VIDEO.value} ({prepared.duration:.1f} s, {len(prepared.frame_times)} frames)")
     print(f"question: {_QUESTION.value}")
     print(f"answer: {result.answer}")
-    grounding = ", ".join(f"{s:.1f} - {e:.1f}" for s, e in result.grounding_seconds) or "none"
-    print(f"grounded intervals (s): {grounding}")
+    print(f"grounded intervals (s): {runner.describe_grounding(result)}")
     for k, e in enumerate(result.evidence):
         print(f"  <evi> {k + 1} [{e.stage}] frames {e.frames[0]}-{e.frames[1]} = {e.seconds[0]:.1f} - "
               f"{e.seconds[1]:.1f} s")
@@ -104,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags, logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags, logging
+
+from d2vlm_jax import cli  # noqa: E402
 
 from d2vlm_jax.data import preferences, schema
 
@@ -42,10 +49,10 @@ _ON_ERROR = flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Invalid i
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     unknown = [f for f in _FAMILIES.value if f not in preferences.ALL_FAMILIES]
     if unknown:
-        raise app.UsageError(f"unknown --families {unknown}; known: {', '.join(preferences.ALL_FAMILIES)}")
+        raise cli.UsageError(f"unknown --families {unknown}; known: {', '.join(preferences.ALL_FAMILIES)}")
     begin = time.perf_counter()
     report = schema.ValidationReport()
     samples = schema.load_annotations(_INPUT.value, on_error=_ON_ERROR.value, report=report)
@@ -62,4 +69,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,10 +19,15 @@ Output in --out_dir:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags
+
+from d2vlm_jax import cli  # noqa: E402
 
 from d2vlm_jax.data import synthetic
 
@@ -48,7 +53,7 @@ _CRF = flags.DEFINE_integer("crf", synthetic.SyntheticSettings.crf,
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     settings = synthetic.SyntheticSettings(
         frame_size=_FRAME_SIZE.value, video_fps=_VIDEO_FPS.value,
         min_duration=_MIN_DURATION.value, max_duration=_MAX_DURATION.value, crf=_CRF.value)
@@ -71,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,14 +15,15 @@ bucket on Cloud TPU, docs/TPU.md); gs:// URLs are not supported. A killed run re
 its newest checkpoint when started again with the same --workdir.
 """
 
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from d2vlm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/<name>.py[:arg]); override fields with --config.a.b=value.",
@@ -41,19 +42,18 @@ _CHECK_CONFIG = flags.DEFINE_boolean(
     "check_config", False, "Only validate the command line: load the config with its overrides, check the "
     "stages, model, loss and trainable tables, print the resolved config and exit (0 = valid, 2 = invalid). "
     "No devices, data or checkpoints are touched, so a pod command can be checked before renting the slice.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "Delete what an earlier run wrote in --workdir (stage directories, eval/, config.json; the "
+    "config history is kept) and train from scratch. Without it, a workdir restarts only with its own config or a "
+    "change that is safe to apply (d2vlm_jax/train/workdir.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.run rejects positional arguments
     if _CHECK_CONFIG.value:
-        from d2vlm_jax.config import ConfigError, validate
-        try:
-            lines = validate(_CONFIG.value)
-        except (ConfigError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        from d2vlm_jax.config import validate
+        lines = validate(_CONFIG.value)
         print(_CONFIG.value.to_json_best_effort(indent=2))
         print("\n".join(["config OK, workdir " + _WORKDIR.value] + lines), flush=True)
         return
@@ -64,17 +64,14 @@ def main(argv):
             kwargs.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                           process_id=_PROCESS_ID.value)
         jax.distributed.initialize(**kwargs)
-    logging.getLogger().setLevel(logging.INFO)
-    from d2vlm_jax.config import ConfigError
     from d2vlm_jax.train import loop
-    print(f"d2vlm-jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}), workdir {_WORKDIR.value}", flush=True)
-    try:
-        loop.run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, loop.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    name = "train.log" if jax.process_count() == 1 else f"train.process_{jax.process_index()}.log"
+    log_file = cli.add_log_file(os.path.join(_WORKDIR.value, name))
+    if jax.process_index() == 0:
+        print(f"d2vlm-jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "
+              f"({jax.devices()[0].platform}), workdir {_WORKDIR.value} (library logs: {log_file})", flush=True)
+    loop.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag="config")

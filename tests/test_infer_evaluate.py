@@ -1,18 +1,17 @@
 """launch/infer.py and launch/evaluate.py end to end on a tiny checkpoint, the checkpoint
-loader's layouts and errors, and the dependency-free evidence plot."""
+loader's layouts and errors, the evidence plot, and skipped samples scored as misses."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 
+from tests.crafted import crafted_workdir
 from tests.smoke_data import smoke_config as shared_smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,80 +34,11 @@ def smoke_config(data_dir):
     return cfg
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """A minimal reader for the PNGs plot.encode_png writes (8-bit RGB, filter 0)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.setdefault(kind, b"")
-        chunks[kind] += body
-        pos += 12 + length
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color) == (8, 2) and b"IEND" in chunks
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
-    assert np.all(raw[:, 0] == 0)
-    return raw[:, 1:].reshape(h, w, 3)
-
-
-def crafted_params(model_cfg, tokenizer, last_prompt_token: int) -> dict:
-    """Random params (numpy, instant: no init compile) in which greedy decoding answers every
-    prompt with ``<evi></evi><|end|>``: the LLM's token embeddings dominate its residual
-    stream, and the lm_head column of each next token is the (normalized) embedding of the
-    token before it. The grounding heads are random, so each <evi> gets its interval from a
-    real (random) grounding curve through the real decode path."""
-    from flax import traverse_util
-    from d2vlm_jax import sharding
-    from d2vlm_jax.train.loop import abstract_boxed_variables
-
-    rng = np.random.default_rng(0)
-    abstract = traverse_util.flatten_dict(sharding.unbox(abstract_boxed_variables(model_cfg))["params"], sep="/")
-    params = {}
-    for name, leaf in abstract.items():
-        if name.endswith("scale"):
-            value = np.ones(leaf.shape)
-        elif name.endswith("bias"):
-            value = np.zeros(leaf.shape)
-        else:
-            std = 1.0 if name == "llm/embed_tokens/embedding" else (0.5 if "_head/" in name else 0.02)
-            value = rng.normal(0.0, std, leaf.shape)
-        params[name] = value.astype(leaf.dtype)
-    embedding, lm_head = params["llm/embed_tokens/embedding"], params["llm/lm_head/kernel"]
-    for before, after in ((last_prompt_token, tokenizer.evi_id), (tokenizer.evi_id, tokenizer.evi_end_id),
-                          (tokenizer.evi_end_id, tokenizer.end_id)):
-        lm_head[:, after] = 20.0 * embedding[before] / np.linalg.norm(embedding[before])
-    return traverse_util.unflatten_dict(params, sep="/")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """Smoke data + a training workdir with crafted params saved as the SFT export (the
-    layout train/loop.py writes: config.json, sft/export/params, sft/export/d2vlm_config.json)."""
-    from d2vlm_jax import config as cfg_lib
-    from d2vlm_jax.data import pipeline, synthetic_setup
-    from d2vlm_jax.data.template import build_prompt_example
-    from d2vlm_jax.train import checkpoint as ckpt_lib
-    from d2vlm_jax.weights.d2vlm_checkpoint import save_model_config
-
-    data_dir = tmp_path_factory.mktemp("ie_data")
-    cfg = smoke_config(data_dir)
-    synthetic_setup.ensure_synthetic_data(cfg)
-    tokenizer, qformer_tokenizer = pipeline.load_tokenizers(cfg.data)
-    model_cfg = cfg_lib.model_config(cfg, vocab_size=tokenizer.vocab_size, qformer_vocab_size=qformer_tokenizer.vocab_size)
-    prompt = build_prompt_example({"question": "q"}, frame_times=np.zeros(2, np.float32), tokenizer=tokenizer,
-                                  qformer_tokenizer=qformer_tokenizer,
-                                  config=pipeline.template_config(cfg.data, tokenizer, train=False))
-    params = crafted_params(model_cfg, tokenizer, int(prompt["prefix_ids"][-1]))
-    workdir = tmp_path_factory.mktemp("ie_workdir")
-    with open(workdir / "config.json", "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    export = workdir / "sft" / "export"
-    ckpt_lib.save_params(str(export / "params"), params)
-    save_model_config(str(export), model_cfg)
-    return {"workdir": str(workdir), "data_dir": str(data_dir), "config": cfg, "model_cfg": model_cfg}
+    """Smoke data + a training workdir with crafted params (tests/crafted.py)."""
+    return crafted_workdir(tmp_path_factory.mktemp("ie_data"), tmp_path_factory.mktemp("ie_workdir"),
+                           smoke_config)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -183,40 +113,58 @@ def test_params_that_do_not_fit_are_named(checkpoint, tmp_path):
 # ----------------------------------------------------------------------------- plot
 
 
-def test_evidence_figure_and_png_roundtrip(tmp_path):
-    from d2vlm_jax.inference import plot
+def test_evidence_figure_draws_curve_threshold_interval_and_truth(tmp_path):
+    import matplotlib.colors as mcolors
+    from d2vlm_jax import visualize
+    from d2vlm_jax.inference.runner import Evidence
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8)
     curve = np.linspace(0.1, 0.9, 10).astype(np.float32)
-    image = plot.evidence_figure(frames, np.arange(10.0), [curve, None], [(6, 9), (2, 3)],
-                                 ["<evi> 1 (grounding): 6.0 - 9.0 s", "<evi> 2"], title="a title")
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    shade = np.all(image == np.array(plot.SHADE, np.uint8), axis=-1)
-    cols = np.flatnonzero(shade.any(0))
-    cell = (image.shape[1] - 44 - 16) // 10
-    # the first panel's shading covers exactly frames 6..9, the second's frames 2..3
-    assert cols.min() == 44 + 2 * cell and cols.max() == 44 + 10 * cell - 1
-    assert np.all(np.all(image == np.array(plot.CURVE, np.uint8), axis=-1).sum() > 0)
-    path = tmp_path / "x.png"
-    plot.write_png(str(path), image)
-    np.testing.assert_array_equal(decode_png(path.read_bytes()), image)
-    with pytest.raises(ValueError, match="2 curves, 1 intervals"):
-        plot.evidence_figure(frames, np.arange(10.0), [curve, curve], [(0, 1)], ["a", "b"])
+    evidence = [Evidence((6, 9), (6.0, 9.0), "grounding", curve), Evidence((2, 3), (2.0, 3.0), "answer", None)]
+    fig = visualize.evidence_figure(frames, np.arange(10.0), evidence, title="a title", ground_truth=[(5.0, 8.0)])
+    strip, first, second = fig.axes
+    assert len(strip.images) == 8                      # thumbnails
+    line = first.lines[0]
+    np.testing.assert_allclose(line.get_ydata(), curve)
+    threshold = [ln for ln in first.lines if ln.get_linestyle() == "--"][0]
+    np.testing.assert_allclose(threshold.get_ydata(), [0.6 * 0.9] * 2, rtol=1e-6)
+    spans = sorted(p.get_x() for p in first.patches)   # chosen frames 6..9 (half a frame each side), truth 5..8
+    np.testing.assert_allclose(spans, [5.0, 5.5])
+    labels = [t.get_text() for t in first.get_legend().get_texts()]
+    assert any("chosen interval: frames 6-9" in t for t in labels) and any("ground truth: 5-8 s" in t for t in labels)
+    assert any("threshold 0.6" in t for t in labels) and any("p(frame" in t for t in labels)
+    assert second.get_xlabel() == "time in the video (s)" and first.get_ylabel() == "probability"
+    assert mcolors.to_hex(first.patches[0].get_facecolor()) == visualize.CHOSEN_COLOR
+    headers = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}
+    for ext, header in headers.items():
+        path = visualize.save_figure(visualize.evidence_figure(frames, np.arange(10.0), evidence), tmp_path / f"e.{ext}")
+        assert open(path, "rb").read(5).startswith(header), ext
+    with pytest.raises(ValueError, match="use .png, .svg or .pdf"):
+        visualize.save_figure(visualize.evidence_figure(frames, np.arange(10.0), evidence), tmp_path / "e.jpg")
+    many = visualize.evidence_figure(frames, np.arange(10.0), evidence * 5, max_panels=3)
+    assert len(many.axes) == 4 and "the first 3 of 10" in many.axes[0].get_title(loc="left")
+
+
+def test_training_never_imports_plotting():
+    code = ("import sys; import d2vlm_jax.train.loop, d2vlm_jax.train.evaluation, d2vlm_jax.inference.runner; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
 def test_infer_end_to_end_with_plot(checkpoint, tmp_path):
-    from d2vlm_jax.inference import plot
-
     samples = json.load(open(os.path.join(checkpoint["data_dir"], "val.json")))
     tvg = next(s for s in samples if s["task"] == "tvg")
     video = os.path.join(checkpoint["data_dir"], tvg["video"])
     png = tmp_path / "evidence.png"
+    truth = "-".join(str(x) for x in tvg["events"][0])
     result = run_launcher(INFER, "--checkpoint", checkpoint["workdir"], "--video", video, "--question",
-                          tvg["question"], "--max_new_tokens", 12, "--plot", png, devices=1)
+                          tvg["question"], "--max_new_tokens", 12, "--plot", png, "--ground_truth", truth, devices=1)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     # the crafted params answer <evi></evi><|end|>: one grounding interval, an empty answer
@@ -226,10 +174,52 @@ def test_infer_end_to_end_with_plot(checkpoint, tmp_path):
     assert len(grounded) == 1 and len(evi) == 1 and not any("<evi> 2" in line for line in lines)
     start, end = (float(x) for x in grounded[0].split(": ")[1].split(" - "))
     assert 0.0 <= start <= end <= tvg["duration"] and f"= {start:.1f} - {end:.1f} s" in evi[0]
-    image = decode_png(png.read_bytes())
-    assert image.shape[0] > 150 and image.shape[1] >= 480
-    for color in (plot.SHADE, plot.CURVE, plot.MARK):   # interval, curve and strip mark are drawn
-        assert np.all(image == np.array(color, np.uint8), axis=-1).any(), color
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
+    assert not any(" INFO " in line or line[:1] == "I" and line[1:5].isdigit() for line in result.stderr.splitlines())
+
+
+def test_infer_input_errors_are_one_line(checkpoint, tmp_path):
+    """Ordinary mistakes with infer.py: one line on stderr, exit code 2."""
+    samples = json.load(open(os.path.join(checkpoint["data_dir"], "val.json")))
+    video = os.path.join(checkpoint["data_dir"], samples[0]["video"])
+    duration = samples[0]["duration"]
+    base = ("--checkpoint", checkpoint["workdir"], "--video", video, "--max_new_tokens", 4)
+    cases = [
+        (("--question", "What is at <evi>?", "--question_events", "50-60"), "outside the video"),
+        (("--question", "What is at <evi>?", "--question_events", "3-x"), "is not 'start-end'"),
+        (("--question", "q", "--ground_truth", f"0-{duration + 5}"), "outside the video"),
+        (("--question", " ".join(["word"] * 400)), "field 'question': prompt too long"),
+        (("--question", "What is at <evi>?"), "field 'question_events'"),
+        (("--question", "q", "--plot", tmp_path / "x.jpg"), "use a .png, .svg or .pdf"),
+        (("--question", "q", "--max_new_tokens", "many"), "--max_new_tokens"),
+    ]
+    for extra, expected in cases:
+        r = run_launcher(INFER, *base, *extra, devices=1)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (
+            extra, r.returncode, r.stderr[-2000:])
+    help_text = run_launcher(INFER, "--help", devices=1).stdout
+    assert "val_00003.mp4" in help_text and "val_0003.mp4" not in help_text
+
+
+def test_unicode_question_warns_and_explains_missing_grounding(checkpoint):
+    """Characters outside the tokenizer's vocabulary are named; an answer without a grounding
+    stage says so instead of a bare 'none'."""
+    from d2vlm_jax.inference import runner
+    loaded = runner.load_checkpoint(checkpoint["workdir"])
+    assert runner.unknown_characters(loaded.tokenizer, "When is the yellow circle visible?") == []
+    assert runner.unknown_characters(loaded.tokenizer, "When is the circle visible? ✓ ü") == ["✓", "ü"]
+    assert "'✓ü'" in runner.question_warnings(loaded, "When ✓ ü?")[0]
+    answer_only = runner.InferenceResult("0.0 - 0.0.", [], [runner.Evidence((0, 0), (0.0, 0.0), "answer", None)], "",
+                                         [], True, np.zeros(3))
+    assert "skipped the grounding stage" in runner.describe_grounding(answer_only)
+    assert runner.describe_grounding(dataclasses_replace(answer_only, evidence=[])) == (
+        "none (the answer has no <evi> token)")
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
 
 
 def test_launcher_errors_are_clear(checkpoint, tmp_path):
@@ -244,6 +234,21 @@ def test_launcher_errors_are_clear(checkpoint, tmp_path):
     empty = run_launcher(EVALUATE, "--checkpoint", tmp_path / "empty", "--annotations",
                          os.path.join(checkpoint["data_dir"], "val.json"))
     assert empty.returncode == 2 and "no params/" in empty.stderr
+    # malformed annotation JSON, and a --video_root under which no video exists: one line each
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"video": "videos/val_00000.mp4",')
+    for benchmark in ("synthetic", "charades"):
+        r = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations", broken,
+                         "--benchmark", benchmark, "--output_dir", tmp_path / "o")
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and str(broken) in err[0] and "not valid JSON" in err[0], r.stderr
+    r = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations",
+                     os.path.join(checkpoint["data_dir"], "val.json"), "--video_root", tmp_path / "nowhere",
+                     "--output_dir", tmp_path / "o")
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(err) == 1 and "every one of the 9 samples" in err[0], r.stderr[-3000:]
+    assert "video_not_found 9" in err[0] and f"--video_root={tmp_path / 'nowhere'}" in err[0]
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -288,6 +293,30 @@ def test_evaluate_matches_training_evaluation(checkpoint, tmp_path):
     assert "most_common_train_interval" in launched["video_blind"]
 
 
+def test_evaluate_scores_skipped_samples_as_misses(checkpoint, tmp_path):
+    """A sample whose video is missing stays in every denominator (IoU 0, no answer match) and
+    metrics.json counts it: seen / scored / evaluated / skipped by reason."""
+    samples = json.load(open(os.path.join(checkpoint["data_dir"], "val.json")))
+    gone = next(k for k, s in enumerate(samples) if s["task"] == "tvg")
+    samples[gone] = dict(samples[gone], video="videos/missing.mp4")
+    samples.append({"video": "videos/x.mp4", "task": "tvg"})           # invalid: no duration, question...
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps(samples))
+    os.symlink(os.path.join(checkpoint["data_dir"], "videos"), tmp_path / "videos")
+    r = run_launcher(EVALUATE, "--checkpoint", checkpoint["workdir"], "--annotations", annotations,
+                     "--output_dir", tmp_path / "out", "--max_new_tokens", 6)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    model = json.load(open(tmp_path / "out" / "metrics.json"))["model"]
+    predictions = json.load(open(tmp_path / "out" / "predictions.json"))
+    num_tvg = sum(s.get("task") == "tvg" and "duration" in s for s in samples)
+    assert model["tvg/num"] == num_tvg == 3 and len(predictions) == 8 and gone not in [p["index"] for p in predictions]
+    tvg_ious = [p["iou"] for p in predictions if p["task"] == "tvg"]
+    assert len(tvg_ious) == 2 and model["tvg/mIoU"] == pytest.approx((sum(tvg_ious) + 0.0) / 3)
+    assert model["samples/seen"] == 10 and model["samples/scored"] == 9 and model["samples/evaluated"] == 8
+    assert model["samples/skipped/video_not_found"] == 1 and model["samples/skipped/invalid_annotation"] == 1
+    assert "10 samples seen, 9 scored (2 skipped: video_not_found 1, invalid_annotation 1" in r.stdout
+
+
 def test_evaluate_charades_benchmark(checkpoint, tmp_path):
     """A Charades-STA-format file: converted, generated, scored by the d2vlm_jax protocol (R@0.3/0.5/0.7, mIoU)."""
     from d2vlm_jax.evaluation.protocols import project as metrics_lib
@@ -307,6 +336,8 @@ def test_evaluate_charades_benchmark(checkpoint, tmp_path):
     bench = json.load(open(tmp_path / "out" / "benchmark_records.json"))
     assert len(bench) == 4 and bench[-1]["a"] == "" and metrics["num_skipped_videos"] == 1
     assert metrics["num_invalid_annotations"] == 1
+    assert metrics["samples"] == {"seen": 5, "scored": 4, "evaluated": 3,
+                                  "skipped": {"video_not_found": 1, "invalid_annotation": 1}}
     charades = metrics["tasks"]["charades_sta"]["sources"]["default"]
     assert set(charades) >= {"R@0.3", "R@0.5", "R@0.7", "mIoU"} and charades["num_samples"] == 4
     # the same records scored directly give the same numbers

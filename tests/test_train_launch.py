@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,9 +60,43 @@ def test_smoke_run_sft_fpo_eval(tmp_path, data_dir):
     assert "tvg/R@0.5" in metrics["model"] and "most_common_val_r_at_0_5" in metrics["video_blind"]
     predictions = json.load(open(tmp_path / "wd" / "eval" / "predictions.json"))
     assert len(predictions) == 9 and all("prediction" in p for p in predictions)
+    # quiet: progress, the table and nothing from the libraries (their INFO lines go to train.log)
+    lines = (out + result.stderr).splitlines()
+    assert len(lines) <= 30, "\n".join(lines)
+    assert not [x for x in lines if re.match(r"^[IWE]\d{4} ", x) or " INFO " in x], "\n".join(lines)
+    assert "ETA" in out and "all stages ~" in out and "[eval] batch" in out
+    assert "9 samples seen, 9 scored" in out
+    log = open(tmp_path / "wd" / "train.log").read()
+    assert "INFO" in log and "checkpoint" in log
+    assert metrics["model"]["samples/seen"] == 9 and metrics["model"]["samples/scored"] == 9
     # a second invocation finds the stages done and only evaluates
     again = launch(tmp_path / "wd", data_dir)
     assert again.returncode == 0 and "[sft] already done" in again.stdout
+    # a finished workdir keeps its record: a changed config is refused in one line, nothing rewritten
+    config_before = open(tmp_path / "wd" / "config.json").read()
+    done_before = open(tmp_path / "wd" / "sft" / "DONE.json").read()
+    for flag, expected in (("--config.sft.steps=6", "sft.steps: 4 -> 6 (sft is finished)"),
+                           ("--config.model.llm.num_layers=2", "model.llm.num_layers: 4 -> 2")):
+        refused = launch(tmp_path / "wd", data_dir, flag)
+        err = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(err) == 1 and expected in err[0] and "--overwrite" in err[0], err
+    assert open(tmp_path / "wd" / "config.json").read() == config_before
+    assert open(tmp_path / "wd" / "sft" / "DONE.json").read() == done_before
+    assert json.loads(done_before)["config"]["sft"]["steps"] == 4
+    # a safe change is applied and recorded
+    safe = launch(tmp_path / "wd", data_dir, "--config.log_every=2", "--config.final_eval=False")
+    assert safe.returncode == 0 and "applying config change(s)" in safe.stdout and "log_every: 1 -> 2" in safe.stdout
+    history = [json.loads(x) for x in open(tmp_path / "wd" / "config_history.jsonl")]
+    assert [h["event"] for h in history] == ["created", "resumed", "changed"]
+    assert history[-1]["changes"] == {"final_eval": [True, False], "log_every": [1, 2]}
+    # --overwrite starts again with the new config (SFT only, 2 steps)
+    redo = launch(tmp_path / "wd", data_dir, "--overwrite", "--config.stages=('sft',)", "--config.sft.steps=2",
+                  "--config.final_eval=False")
+    assert redo.returncode == 0 and "[sft] step 2/2" in redo.stdout, redo.stderr[-3000:]
+    assert json.load(open(tmp_path / "wd" / "sft" / "DONE.json"))["steps"] == 2
+    assert not (tmp_path / "wd" / "fpo").exists() and not (tmp_path / "wd" / "eval").exists()
+    history = [json.loads(x) for x in open(tmp_path / "wd" / "config_history.jsonl")]
+    assert history[-1]["event"] == "overwritten" and history[-1]["config"]["sft"]["steps"] == 2
 
 
 @pytest.mark.slow

@@ -369,11 +369,13 @@ class PipelineStats:
       skipped: skipped samples per reason (:data:`SKIP_REASONS`).
       annotations_skipped: invalid annotations dropped when the file was read.
       last_skips: the most recent skip messages (at most 20).
+      skipped_indices: the annotation-file index of every skipped sample, in order.
     """
     examples: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     annotations_skipped: int = 0
     last_skips: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=20))
+    skipped_indices: list = dataclasses.field(default_factory=list)
 
     @property
     def num_skipped(self) -> int:
@@ -387,7 +389,10 @@ class PipelineStats:
 
 class SkipCounter:
     """The main-process filter: drops :class:`SkippedRecord` elements, logs and counts them,
-    and raises :class:`DataError` once every record of the shard has failed with no success."""
+    and raises :class:`DataError` once every record of the shard has failed with no success.
+    The first :attr:`CONSOLE_WARNINGS` skips are warnings, the rest INFO (the log file)."""
+
+    CONSOLE_WARNINGS = 5
 
     def __init__(self, stats: PipelineStats, shard_size: int, where: str):
         self.stats = stats
@@ -401,14 +406,22 @@ class SkipCounter:
             self._failed_indices = None
             return True
         self.stats.skipped[element.reason] += 1
+        self.stats.skipped_indices.append(element.index)
         line = f"skipped sample {element.index} (video {element.video!r}): {element.reason}: {element.message}"
         self.stats.last_skips.append(line)
-        logger.warning("%s", line)
+        if self.stats.num_skipped <= self.CONSOLE_WARNINGS:
+            logger.warning("%s%s", line, "; further skips are counted and logged at INFO level"
+                           if self.stats.num_skipped == self.CONSOLE_WARNINGS else "")
+        else:
+            logger.info("%s", line)
         if self._failed_indices is not None:
             self._failed_indices.add(element.index)
             if len(self._failed_indices) >= self.shard_size:
-                raise DataError(f"every one of the {self.shard_size} samples of {self.where} failed "
-                                f"({self.stats.summary()}); last reasons:\n  " + "\n  ".join(self.stats.last_skips))
+                reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.skipped.items()))
+                hint = (" Check data.video_root (the videos' directory; default: the annotation file's) and the "
+                        "files' 'video' paths." if "video_not_found" in self.stats.skipped else "")
+                raise DataError(f"every one of the {self.shard_size} samples of {self.where} failed ({reasons}); "
+                                f"last: {line}.{hint}")
         return False
 
 
@@ -484,7 +497,10 @@ def _plan(data_config: ml_collections.ConfigDict, *, split: str, process_index: 
         path = data_config.get(f"{split}_annotations")
         _require(bool(path), f"{split}_annotations", "no annotation file given")
         _require(os.path.isfile(path), f"{split}_annotations", f"file not found: {path}")
-        samples, indices, report = read_annotations(path, on_error=data_config.on_annotation_error)
+        try:
+            samples, indices, report = read_annotations(path, on_error=data_config.on_annotation_error)
+        except schema.AnnotationError as e:
+            raise DataError(f"data.{split}_annotations: {e}") from None
         if not samples:
             raise DataError(f"{path}: no valid sample ({report.num_skipped} invalid; first: "
                             f"{report.skipped_messages[:1]})")

@@ -34,7 +34,9 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict) -> str:
             train, seed=s.seed, per_sample=s.preferences_per_sample, frame_rate=config.data.fps,
             max_frames=config.data.max_frames)
         schema.save_annotations(with_rejected, prefs)
-        print(f"[data] done in {time.time() - t0:.1f}s; preference pairs:\n{counts.summary()}", flush=True)
+        logger.info("preference pairs per family:\n%s", counts.summary())
+        print(f"[data] done in {time.time() - t0:.1f}s: {sum(counts.made.values())} preference pairs for "
+              f"{counts.samples_out} of {counts.samples_in} training samples (per family: the log file)", flush=True)
     deadline = time.time() + 600
     while not (os.path.exists(manifest) and os.path.exists(prefs)):
         if time.time() > deadline:

@@ -341,6 +341,7 @@ def prepare_input(loaded: LoadedCheckpoint, video_path: str, question: str, *,
     settings = pipeline.decode_settings(data)
     video = decode_video(video_path, fps=settings.fps, max_frames=settings.max_frames, min_duration=0.0,
                          max_duration=None, image_size=settings.image_size, decode_threads=settings.decode_threads)
+    check_question_events(question_events, float(video.duration), os.path.basename(video_path))
     template = pipeline.template_config(data, loaded.tokenizer, train=False)
     example = build_prompt_example({"video": os.path.basename(video_path), "task": "infer", "question": question,
                                     "question_events": [tuple(map(float, e)) for e in question_events]},
@@ -350,6 +351,34 @@ def prepare_input(loaded: LoadedCheckpoint, video_path: str, question: str, *,
     batch = collate_lib.collate([example], _buckets_fitting(data, example))
     batch = collate_lib.pad_batch(batch, loaded.data_parallel_size)
     return PreparedInput(batch, video.frames, np.asarray(video.frame_times, np.float32), float(video.duration))
+
+
+def parse_question_events(text: str) -> list[tuple[float, float]]:
+    """``"2-4.5;7-9"`` -> ``[(2.0, 4.5), (7.0, 9.0)]`` (seconds); ValueError names the part."""
+    events = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        bounds = part.split("-")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            events.append((float(bounds[0]), float(bounds[1])))
+        except ValueError:
+            raise ValueError(f"question events {text!r}: {part.strip()!r} is not 'start-end' in seconds "
+                             f"(e.g. '2-4.5;7-9')") from None
+    return events
+
+
+def check_question_events(events: Sequence[tuple[float, float]], duration: float, video: str) -> None:
+    """Every interval must satisfy ``0 <= start <= end <= duration`` (seconds); raises
+    :class:`~d2vlm_jax.data.template.ExampleError` naming the interval and the duration."""
+    from d2vlm_jax.data.template import ExampleError
+    for k, (start, end) in enumerate(events):
+        if not 0.0 <= start <= end <= duration + 1e-6:
+            raise ExampleError(f"video {video!r}", "question_events",
+                               f"interval {k + 1} = {start:g}-{end:g} s is outside the video (0-{duration:.1f} s) "
+                               f"or reversed; give 'start-end' seconds within it")
 
 
 @dataclasses.dataclass
@@ -384,6 +413,41 @@ class InferenceResult:
                              for e in self.evidence],
                 "raw_text": self.raw_text, "finished": self.finished,
                 "frame_times": [float(t) for t in self.frame_times]}
+
+
+def unknown_characters(tokenizer: TextTokenizer, text: str) -> list[str]:
+    """The characters of ``text`` the tokenizer has no piece for (it encodes them byte by
+    byte, ``<0xXX>`` pieces): text a model may never have seen in training."""
+    unknown = []
+    for char in dict.fromkeys(text):
+        if char.isspace():
+            continue
+        pieces = [tokenizer._tokenizer.id_to_token(i) for i in tokenizer.encode(char)]
+        if any(p and p.startswith("<0x") and p.endswith(">") and len(p) == 6 for p in pieces):
+            unknown.append(char)
+    return unknown
+
+
+def question_warnings(loaded: LoadedCheckpoint, question: str) -> list[str]:
+    """Reasons to distrust an answer that come from the question itself."""
+    unknown = unknown_characters(loaded.tokenizer, question)
+    if not unknown:
+        return []
+    shown = "".join(unknown[:12]) + ("..." if len(unknown) > 12 else "")
+    return [f"{len(unknown)} character(s) of the question are not in the tokenizer's vocabulary ({shown!r}) and "
+            f"are encoded byte by byte: text unlike the training questions, so the answer and its grounding are "
+            f"unreliable"]
+
+
+def describe_grounding(result: "InferenceResult") -> str:
+    """The grounding-stage intervals in seconds, or why there are none."""
+    if result.grounding_seconds:
+        return ", ".join(f"{s:.1f} - {e:.1f}" for s, e in result.grounding_seconds)
+    answer_evi = [e for e in result.evidence if e.stage == "answer"]
+    if answer_evi:
+        return (f"none (the model skipped the grounding stage: no <evi> before </evi>; the {len(answer_evi)} "
+                f"<evi> of the answer are listed below)")
+    return "none (the answer has no <evi> token)"
 
 
 def make_decode_config(loaded: LoadedCheckpoint, *, max_new_tokens: int, temperature: float = 0.0,
@@ -421,4 +485,6 @@ def run_inference(loaded: LoadedCheckpoint, prepared: PreparedInput, config: dec
 
 __all__ = ["CheckpointError", "CheckpointLayout", "LoadedCheckpoint", "PreparedInput", "InferenceResult", "Evidence",
            "locate_checkpoint", "data_config_for", "load_checkpoint", "stored_shapes", "check_params_fit", "prepare_input",
+           "parse_question_events", "check_question_events", "unknown_characters", "question_warnings",
+           "describe_grounding",
            "make_decode_config", "run_inference"]

@@ -52,14 +52,15 @@ def span_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
 
 
 def evaluate(config: ml_collections.ConfigDict, model: D2VLM, params: Any, stage: str, tokenizers, mesh,
-             max_batches: int | None = None, predictions: list | None = None) -> dict[str, float]:
+             max_batches: int | None = None, predictions: list | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Teacher-forced metrics and generated-grounding metrics on ``data.eval_annotations``
     (the training run's view: :func:`evaluate_annotations` with the experiment config's
     data section, ``eval_batch_size`` and ``eval_max_new_tokens``)."""
     return evaluate_annotations(model, params, data_config=config.data, tokenizers=tokenizers, mesh=mesh,
                                 global_batch_size=config.eval_batch_size,
                                 max_new_tokens=config.eval_max_new_tokens, loss_config=cfg_lib.loss_config(config),
-                                max_batches=max_batches, predictions=predictions)
+                                max_batches=max_batches, predictions=predictions, progress=progress)
 
 
 def _sum_over_processes(values: np.ndarray) -> np.ndarray:
@@ -121,7 +122,7 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
       predictions: a list to append one record per evaluated sample of this process to
         (:func:`prediction_record`).
       progress: ``progress(batches_done, batches_total)`` after every batch.
-      stats: filled with the pipeline's skip counts.
+      stats: filled with the pipeline's skip counts (a fresh one when None).
       decode_config: the decoding settings (default: greedy, ``max_new_tokens``, stop at
         ``<|end|>``; ``inference.presets.decode_config`` builds the named presets).
       penalty_for_task: repetition penalty of a row from its sample's task (default: the
@@ -131,6 +132,9 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
       ``tvg/R@{0.3,0.5,0.7}``, ``tvg/mIoU``, ``tvg/num`` (first grounding interval of every
       ``tvg`` sample vs its first GT event, as frame spans), ``answer/exact_match`` and, with
       ``loss_config``, ``tf/loss/*`` and ``tf/grounding/accuracy``; all over every process.
+      A sample the pipeline skips (its video cannot be used, ...) is scored as a miss (IoU 0,
+      no answer match) and counted: ``samples/{seen,scored,evaluated,skipped}`` and
+      ``samples/skipped/<reason>`` (:func:`sample_counts`).
     """
     tokenizer, qformer_tokenizer = tokenizers
     rules = model.config.llm.sharding_rules
@@ -143,11 +147,11 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
     dcfg = decode_config or decode_lib.DecodeConfig(max_new_tokens=max_new_tokens, evi_token_id=tokenizer.evi_id,
                                                     end_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
     gen_fn = decode_lib.make_generate_fn(model, dcfg)
-    samples, indices, _ = pipeline.read_annotations(data_config.eval_annotations)
+    samples, indices, annotation_report = pipeline.read_annotations(data_config.eval_annotations)
     by_index = dict(zip(indices, samples))
-    total = pipeline.num_eval_batches(len(samples), batch_size, pcount)
-    if max_batches is not None:
-        total = min(total, max_batches)
+    full_total = pipeline.num_eval_batches(len(samples), batch_size, pcount)
+    total = full_total if max_batches is None else min(full_total, max_batches)
+    stats = stats if stats is not None else pipeline.PipelineStats()
     batches = pipeline.make_eval_batches(data_config, stage="sft", tokenizer=tokenizer,
                                          qformer_tokenizer=qformer_tokenizer, batch_size_per_host=batch_size,
                                          process_index=jax.process_index(), process_count=pcount, stats=stats)
@@ -186,17 +190,49 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
                 predictions.append(record)
         if progress is not None:
             progress(batch_index + 1, total)
+    # samples the pipeline skipped (video unusable, ...) are scored as misses: IoU 0, wrong answer
+    evaluated = answer_total
+    missed = [by_index[i] for i in stats.skipped_indices if i in by_index]
+    ious += [0.0] * sum(sample.task == "tvg" for sample in missed)
+    answer_total += len(missed)
     # generated metrics: sums over processes (each process saw its own shard)
     hits = [sum(i >= t for i in ious) for t in THRESHOLDS]
-    totals = _sum_over_processes(np.asarray(hits + [sum(ious), len(ious), answer_hits, answer_total], np.float64))
-    num_tvg = totals[len(THRESHOLDS) + 1]
+    reasons = [stats.skipped.get(r, 0) for r in pipeline.SKIP_REASONS]
+    totals = _sum_over_processes(np.asarray(hits + [sum(ious), len(ious), answer_hits, answer_total, evaluated]
+                                            + reasons, np.float64))
+    k = len(THRESHOLDS)
+    num_tvg, scored, num_evaluated = totals[k + 1], totals[k + 3], totals[k + 4]
     out = {f"tf/{k}": sums[k] / max(dens[k], 1.0) for k in sums}
-    for t, h in zip(THRESHOLDS, totals[:len(THRESHOLDS)]):
+    for t, h in zip(THRESHOLDS, totals[:k]):
         out[f"tvg/R@{t}"] = float(h / num_tvg) if num_tvg else 0.0
-    out["tvg/mIoU"] = float(totals[len(THRESHOLDS)] / num_tvg) if num_tvg else 0.0
+    out["tvg/mIoU"] = float(totals[k] / num_tvg) if num_tvg else 0.0
     out["tvg/num"] = float(num_tvg)
-    out["answer/exact_match"] = float(totals[-2] / max(totals[-1], 1.0))
+    out["answer/exact_match"] = float(totals[k + 2] / max(scored, 1.0))
+    invalid = annotation_report.num_skipped if total == full_total else 0   # whole file read on every process
+    out.update(sample_counts(num_evaluated, dict(zip(pipeline.SKIP_REASONS, totals[k + 5:])), invalid))
     return out
+
+
+def sample_counts(evaluated: float, skipped: Mapping[str, float], invalid_annotations: int) -> dict[str, float]:
+    """The ``samples/*`` entries of the metrics: ``seen`` (records reached, invalid ones
+    included), ``scored`` (in the denominators: ``evaluated`` + the skipped samples, scored as
+    misses), ``evaluated`` (generated for) and ``skipped/<reason>`` (non-zero reasons;
+    ``invalid_annotation`` records are left out of the scores: no task or ground truth)."""
+    missed = float(sum(skipped.values()))
+    out = {"samples/seen": float(evaluated + missed + invalid_annotations), "samples/scored": float(evaluated + missed),
+           "samples/evaluated": float(evaluated), "samples/skipped": float(missed + invalid_annotations)}
+    out.update({f"samples/skipped/{r}": float(n) for r, n in skipped.items() if n})
+    if invalid_annotations:
+        out["samples/skipped/invalid_annotation"] = float(invalid_annotations)
+    return out
+
+
+def format_sample_counts(m: Mapping[str, float]) -> str:
+    """``9 samples seen, 9 scored (0 skipped)`` with the skip reasons."""
+    reasons = ", ".join(f"{k.split('/')[-1]} {int(v)}" for k, v in m.items() if k.startswith("samples/skipped/"))
+    return (f"{int(m.get('samples/seen', 0))} samples seen, {int(m.get('samples/scored', 0))} scored "
+            f"({int(m.get('samples/skipped', 0))} skipped{': ' + reasons if reasons else ''}; "
+            f"unusable videos are scored as misses, invalid records left out)")
 
 
 def prediction_record(row: decode_lib.RowResult, host: Mapping[str, np.ndarray], r: int, sample: schema.Sample,
@@ -247,8 +283,14 @@ def final_report(config: ml_collections.ConfigDict, model: D2VLM, params: Any, t
                  workdir: str) -> dict[str, Any]:
     """Full held-out evaluation: predictions JSON, metrics JSON and a printed table with the
     video-blind baseline next to the model (in ``workdir/eval``)."""
+    from d2vlm_jax.train.progress import PassProgress
     predictions: list = []
-    metrics = evaluate(config, model, params, "final", tokenizers, mesh, predictions=predictions)
+    progress = PassProgress("[eval]", enabled=jax.process_index() == 0)
+    try:
+        metrics = evaluate(config, model, params, "final", tokenizers, mesh, predictions=predictions,
+                           progress=progress)
+    finally:
+        progress.close()
     blind = video_blind_reference(config.data.train_annotations, config.data.eval_annotations)
     return write_report(metrics, blind, predictions, os.path.join(workdir, "eval"))
 
@@ -276,6 +318,7 @@ def write_report(metrics: Mapping[str, float], blind: Mapping[str, Any], predict
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
         print(render_table(metrics, blind), flush=True)
+        print(format_sample_counts(metrics), flush=True)
         print(f"predictions: {out_dir}/predictions.json  metrics: {out_dir}/metrics.json", flush=True)
     return report
 

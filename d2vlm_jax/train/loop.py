@@ -30,6 +30,9 @@ from d2vlm_jax.testing import random_batch
 from d2vlm_jax.train import checkpoint as ckpt_lib
 from d2vlm_jax.train import evaluation
 from d2vlm_jax.train import optimizer as optim_lib
+from d2vlm_jax.train import progress as progress_lib
+from d2vlm_jax.train import workdir as workdir_lib
+from d2vlm_jax.train.progress import format_seconds  # noqa: F401  (re-exported for launchers)
 from d2vlm_jax.train.step import TrainState, init_state, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ def state_shardings(state_abstract: TrainState, param_shardings: Mapping, mesh) 
 
 
 class MetricsLog:
-    """Progress line + TensorBoard + metrics.jsonl (process 0 only)."""
+    """TensorBoard + metrics.jsonl (process 0 only)."""
 
     def __init__(self, stage_dir: str, stage: str, total_steps: int, enabled: bool):
         self.stage, self.total, self.enabled = stage, total_steps, enabled
@@ -125,30 +128,11 @@ class MetricsLog:
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
             self.tb.flush()
 
-    def progress(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float], eta_s: float) -> None:
-        if not self.enabled:
-            return
-        keys = [("loss/total", "loss"), ("loss/lm", "lm"), ("loss/gnd", "gnd"), ("loss/cons", "cons"),
-                ("loss/fpo", "fpo"), ("rewards/accuracy", "rew_acc"), ("grounding/accuracy", "gnd_acc"),
-                ("lr/base", "lr")]
-        parts = [f"{short} {metrics[k]:.4g}" for k, short in keys if k in metrics]
-        line = (f"[{self.stage}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) " + " ".join(parts)
-                + f" | {rates['steps']:.2f} step/s {rates['tokens']:.0f} tok/s {rates['frames']:.0f} frm/s"
-                + f" | ETA {format_seconds(eta_s)}")
-        print(line, flush=True)
-
     def close(self):
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
-
-
-def format_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ------------------------------------------------------------------------------ a stage
@@ -257,8 +241,9 @@ def build_train_step(config: ml_collections.ConfigDict, stage: str, model_cfg: D
 
 
 def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, model_cfg: D2VLMConfig,
-                tokenizers, init_from: str | None) -> dict:
-    """Trains one stage to completion (resuming if it has checkpoints); returns final metrics."""
+                tokenizers, init_from: str | None, progress: progress_lib.RunProgress | None = None) -> dict:
+    """Trains one stage to completion (resuming if it has checkpoints); returns final metrics.
+    ``progress`` reports the steps (default: a :class:`progress_lib.RunProgress` of this stage)."""
     stage_cfg = config[stage]
     stage_dir = os.path.join(workdir, stage)
     data_cfg = stage_data_config(config, stage_cfg)
@@ -293,7 +278,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
             frozen = ckpt_lib.load_params(frozen_dir, setup.placed_frozen())
             state, start = ckpt_lib.restore(mngr, setup.placed_state(), data_iter)
             if is_main:
-                print(f"[{stage}] resumed from step {start} ({stage_dir}/checkpoints)", flush=True)
+                print(f"[{stage}] resumed from step {start} of {total_steps} ({stage_dir}/checkpoints)", flush=True)
         else:
             # initialized directly into its shardings: never materialized on one device
             fresh = jax.jit(lambda: init_params(model_cfg, config.seed), out_shardings=param_sh)()
@@ -314,6 +299,9 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
         jit_step = setup.jit(with_reference=reference is not None)
 
         log = MetricsLog(stage_dir, stage, total_steps, is_main)
+        if progress is None:
+            progress = progress_lib.RunProgress({stage: (total_steps - start, 1.0)}, enabled=is_main)
+        progress.start_stage(stage, start, total_steps)
         examples_log = None
         if config.get("log_example_ids"):  # which samples each step consumed (resume checks)
             os.makedirs(stage_dir, exist_ok=True)  # every process writes its own file
@@ -351,14 +339,13 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                     rates = {"steps": (done - step_last) / dt, "tokens": tokens_acc / dt, "frames": frames_acc / dt}
                     last_metrics = {k: v / n_acc for k, v in metrics_acc.items()}
                     log.write(done, {**last_metrics, **{f"rate/{k}": v for k, v in rates.items()}})
-                    log.progress(done, last_metrics, rates, (total_steps - done) / max(rates["steps"], 1e-9))
+                    progress.update(done, last_metrics, rates)
                     t_last, step_last, tokens_acc, frames_acc, metrics_acc, n_acc = now, done, 0.0, 0.0, {}, 0
                 if config.eval_every and done % config.eval_every == 0 and done < total_steps:
                     eval_metrics = evaluation.evaluate(config, model, partition.merge(state.params, frozen), stage,
                                                        tokenizers, mesh, max_batches=config.eval_batches_during_train)
                     log.write(done, eval_metrics, prefix="eval")
-                    if is_main:
-                        print(f"[{stage}] eval @ {done}: " + evaluation.format_metrics(eval_metrics), flush=True)
+                    progress.note(f"[{stage}] eval @ {done}: " + evaluation.format_metrics(eval_metrics))
             mngr.wait_until_finished()
             params = partition.merge(state.params, frozen)
             export_dir = os.path.join(stage_dir, "export", "params")
@@ -367,6 +354,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                 from d2vlm_jax.weights.d2vlm_checkpoint import save_model_config
                 save_model_config(os.path.dirname(export_dir), model_cfg)
             final = {"stage": stage, "steps": total_steps, "export": export_dir,
+                     "config": workdir_lib.config_as_json(config),
                      "train": {k: float(v) for k, v in last_metrics.items()},
                      "pipeline": data_iter.stats.summary() if hasattr(data_iter, "stats") else ""}
             if is_main:
@@ -374,6 +362,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
                     json.dump(final, f, indent=2)
             return final
         finally:
+            progress.end_stage()
             log.close()
             if examples_log is not None:
                 examples_log.close()
@@ -386,35 +375,68 @@ def export_dir_of(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage, "export", "params")
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def stage_done(workdir: str, stage: str) -> bool:
     return os.path.exists(os.path.join(workdir, stage, "DONE.json"))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs every stage of ``config.stages`` (skipping finished ones) and the final evaluation."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
+    """Runs every stage of ``config.stages`` (skipping finished ones) and the final evaluation.
+
+    A workdir that has trained before must be restarted with the same config, or with a
+    change :mod:`d2vlm_jax.train.workdir` accepts (raises ``WorkdirConflict`` otherwise);
+    ``overwrite`` first deletes what an earlier run wrote there."""
+    for stage in config.stages:
+        if stage not in ("sft", "fpo"):
+            raise cfg_lib.ConfigError(f"config.stages: unknown stage {stage!r} (use 'sft' and/or 'fpo')")
     os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if overwrite:
+        if is_main:
+            removed = workdir_lib.clear(workdir)
+            if removed:
+                print(f"[workdir] --overwrite: deleted {len(removed)} item(s) of the earlier run in {workdir}",
+                      flush=True)
+        _barrier("workdir cleared")
+    plan = workdir_lib.plan_restart(workdir, config)
+    if overwrite and plan.event == "created":
+        plan = dataclasses.replace(plan, event="overwritten")
+    _barrier("workdir checked")     # every process has read config.json before process 0 rewrites it
+    if is_main:
+        workdir_lib.record_start(workdir, config, plan)
+        if plan.changes:
+            print(f"[workdir] applying config change(s) to {workdir}: "
+                  + "; ".join(f"{c.line()} ({c.reason})" for c in plan.changes)
+                  + f" (recorded in {workdir_lib.HISTORY_FILE})", flush=True)
     if config.get("synthetic") and config.synthetic.generate:
         from d2vlm_jax.data import synthetic_setup
         synthetic_setup.ensure_synthetic_data(config)
     tokenizers = pipeline.load_tokenizers(config.data)
     model_cfg = cfg_lib.model_config(config, vocab_size=tokenizers[0].vocab_size,
                                      qformer_vocab_size=tokenizers[1].vocab_size)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     results = {}
+    todo = {}
+    for stage in config.stages:     # the ETA of the whole run: every step still to take
+        if not plan.stages[stage].finished:
+            stage_cfg = config[stage]
+            total = resolve_steps(stage_cfg, stage_data_config(config, stage_cfg), stage)
+            todo[stage] = (max(total - plan.stages[stage].step, 0), progress_lib.step_cost(stage, stage_cfg.batch_size))
+    progress = progress_lib.RunProgress(todo, enabled=is_main)
     previous = config.get("init_checkpoint") or None
     for stage in config.stages:
-        if stage not in ("sft", "fpo"):
-            raise cfg_lib.ConfigError(f"config.stages: unknown stage {stage!r} (use 'sft' and/or 'fpo')")
         init_from = config[stage].get("init_checkpoint") or previous
         if stage_done(workdir, stage):
             with open(os.path.join(workdir, stage, "DONE.json")) as f:
                 results[stage] = json.load(f)
-            if jax.process_index() == 0:
-                print(f"[{stage}] already done ({workdir}/{stage}/DONE.json)", flush=True)
+            if is_main:
+                print(f"[{stage}] already done ({workdir}/{stage}/DONE.json): skipped", flush=True)
         else:
-            results[stage] = train_stage(config, stage, workdir, model_cfg, tokenizers, init_from)
+            results[stage] = train_stage(config, stage, workdir, model_cfg, tokenizers, init_from, progress)
         previous = export_dir_of(workdir, stage)
     if config.get("final_eval", True):
         model = D2VLM(model_cfg)
