@@ -55,6 +55,8 @@ _MODULES = (
     "etbench_strict_rvq",
     "d2vlm",
     "d2vlm_looser",
+    "timechat_charades",
+    "timechat_youcook2",
 )
 
 
@@ -85,6 +87,8 @@ def get(name: str) -> Protocol:
 def score(name: str, records: Sequence[Mapping], *,
           sentence_similarity: SentenceSimilarity | None = None, **options: Any) -> dict[str, Any]:
     """Scores ``records`` under protocol ``name``; the result records the protocol's name.
+
+    ``options`` go to the protocol's own keyword arguments.
 
     Raises:
       KeyError: unknown protocol name.
