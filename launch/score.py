@@ -7,10 +7,16 @@ Examples:
   python launch/score.py --protocol etbench --predictions preds.json --sentsim minilm
   # predictions written by launch/evaluate.py (benchmark_records.json)
   python launch/score.py --protocol d2vlm_jax --predictions eval_etbench/benchmark_records.json
+  # the authors' TimeChat-format Charades-STA / YouCook2 pipelines (PyTorch release output)
+  python launch/score.py --protocol charades_timechat --predictions /ckpt/d2vlm/charades \
+      --ground_truth TimeIT/data/temporal_video_grounding/charades/test.caption_coco_format.json
+  python launch/score.py --protocol youcook2_timechat --predictions /ckpt/d2vlm/youcook2 \
+      --ground_truth TimeIT/data/dense_video_captioning/youcook2/val.caption_coco_format.json
 
 Protocols (docs/EVALUATION.md compares them): etbench, etbench_strict_rvq, d2vlm,
-d2vlm_looser (the authors' scripts, exactly), d2vlm_jax (the project's own rules), and the
-TimeChat-format Charades-STA / YouCook2 protocols where installed.
+d2vlm_looser (the authors' scripts, exactly), d2vlm_jax (the project's own rules),
+charades_timechat and youcook2_timechat (the authors' TimeChat-format Charades-STA / YouCook2
+converter + eval scripts, exactly).
 
 A predictions file is a JSON list (or JSON Lines) of records in the E.T. Bench layout
 (``idx``, ``task``, ``source``, ``video``, ground truth ``tgt`` / ``o`` / ``p`` / ``g``, and
@@ -41,6 +47,15 @@ _DELIMITER = flags.DEFINE_string("delimiter", None, "D²VLM protocols: grounding
 _SUBSET = flags.DEFINE_string("subset", None, "E.T. Bench subset.json (task -> source -> [idx]): score only "
                               "those samples, like the scripts' --subset.")
 _METEOR = flags.DEFINE_boolean("meteor", True, "Compute METEOR (java + pycocoevalcap; slow to start).")
+_GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "TimeChat-format protocols: the TimeChat "
+                                    "caption_coco_format.json their eval script compares with "
+                                    "(default: the records' own tgt / g).")
+_METEOR_JAR = flags.DEFINE_string("meteor_jar", None, "A meteor-1.5.jar (with data/paraphrase-en.gz "
+                                  "beside it) for METEOR; default: pycocoevalcap's, if installed.")
+_PTB_JAR = flags.DEFINE_string("ptb_jar", None, "A stanford-corenlp-3.4.1.jar for the PTB tokenizer "
+                               "(TimeChat-format protocols); default: pycocoevalcap's, if installed.")
+_STRICT = flags.DEFINE_boolean("strict", False, "TimeChat-format protocols: fail where the authors' "
+                               "scripts stop with an exception, instead of the documented repair.")
 flags.mark_flags_as_required(["protocol", "predictions"])
 
 
@@ -54,6 +69,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from d2vlm_jax.evaluation import records as records_lib
     from d2vlm_jax.evaluation import scoring
+    from d2vlm_jax.evaluation.protocols.timechat_common import AuthorsScriptWouldStop
 
     try:
         protocol = scoring.get_protocol(_PROTOCOL.value)
@@ -73,9 +89,13 @@ def main(argv):
                 raise scoring.ScoringError(f"--subset {_SUBSET.value}: {error}") from None
         options = {"tokenizer": _TOKENIZER.value, "subset": subset, "random_seed": _SEED.value, "delimiter": _DELIMITER.value,
                    "meteor": _METEOR.value}
+        extra = {"ground_truth": _GROUND_TRUTH.value, "meteor_jar": _METEOR_JAR.value,
+                 "ptb_jar": _PTB_JAR.value, "strict": _STRICT.value or None}
+        options.update({k: v for k, v in extra.items() if v is not None})
         document = scoring.score_records(records, protocol.name, similarity=similarity,
                                          similarity_name=similarity_name, **options)
-    except (scoring.ScoringError, records_lib.EvaluationInputError, ValueError) as error:
+    except (scoring.ScoringError, records_lib.EvaluationInputError, ValueError,
+            AuthorsScriptWouldStop) as error:
         fail(f"{_PREDICTIONS.value}: {error}" if isinstance(error, records_lib.EvaluationInputError)
              and not str(error).startswith(_PREDICTIONS.value) else str(error))
     document["predictions"] = os.path.abspath(_PREDICTIONS.value)

@@ -36,7 +36,7 @@ def test_scores_a_file_and_writes_metrics_json(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--protocol", "nope"), "unknown protocol 'nope'; known: d2vlm"),
+    (("--protocol", "nope"), "unknown protocol 'nope'; known: charades_timechat, d2vlm"),
     (("--protocol", "etbench", "--predictions", "/no/such.json"), "no such file"),
 ])
 def test_one_line_errors(tmp_path, args, message):

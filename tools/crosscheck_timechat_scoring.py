@@ -50,7 +50,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from d2vlm_jax.evaluation import messy_answers, ptb_python, ptb_tokenizer  # noqa: E402
+from d2vlm_jax.evaluation import coco_caption, ptb_unicode  # noqa: E402
+from d2vlm_jax.evaluation import messy_timechat_records as messy_answers  # noqa: E402
 from d2vlm_jax.evaluation.protocols import get as get_protocol  # noqa: E402
 from d2vlm_jax.evaluation.protocols import timechat_charades, timechat_youcook2  # noqa: E402
 from d2vlm_jax.evaluation.protocols.timechat_common import AuthorsStops  # noqa: E402
@@ -134,7 +135,9 @@ with open(out_file, "w") as f:
     json.dump(means, f)
 '''
 
-TOKENIZER = ["java"]  # --our_tokenizer: the PTB tokenizer our YouCook2 side uses
+TOKENIZER = ["stanford"]  # --our_tokenizer: the PTB tokenizer our YouCook2 side uses
+
+PTB_JAR = "stanford-corenlp-3.4.1.jar"
 
 CHARADES_PRINTED = {"R@0.3": r"IOU 0\.3: (\S+)", "R@0.5": r"IOU 0\.5: (\S+)",
                     "R@0.7": r"IOU 0\.7: (\S+)", "mIoU": r"mIOU: (\S+)"}
@@ -182,9 +185,9 @@ class Authors:
         self.ptb_jar = self.meteor_jar = None
         if jars:
             metrics = os.path.join(self.root, "all_benchmark_eval", "youcook2", "metrics")
-            self.ptb_jar = find_file(jars, ptb_tokenizer.JAR_NAME)
+            self.ptb_jar = find_file(jars, PTB_JAR)
             self.meteor_jar = find_file(jars, "meteor-1.5.jar")
-            os.symlink(self.ptb_jar, os.path.join(metrics, ptb_tokenizer.JAR_NAME))
+            os.symlink(self.ptb_jar, os.path.join(metrics, PTB_JAR))
             os.symlink(self.meteor_jar, os.path.join(metrics, "meteor-1.5.jar"))
             os.makedirs(os.path.join(metrics, "data"), exist_ok=True)
             os.symlink(find_file(jars, "paraphrase-en.gz"),
@@ -381,10 +384,10 @@ def tokenizer_check(count: int, seed: int, ptb_jar: str, fixture: str | None) ->
             captions.append(messy_answers.caption(rng, odd=0.4))
         else:
             captions.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))))
-    table = {str(n): [c] for n, c in enumerate(captions)}
-    java = ptb_tokenizer.JavaPTBTokenizer(ptb_jar)
-    expected = ptb_tokenizer.tokenize_captions(table, java)
-    got = ptb_tokenizer.tokenize_captions(table, ptb_python.PythonPTBTokenizer())
+    table = {str(n): [{"caption": c}] for n, c in enumerate(captions)}
+    expected = coco_caption.CaptionTokenizer("stanford", jar=ptb_jar).tokenize(table)
+    got = coco_caption.CaptionTokenizer(
+        "python", python_lines=ptb_unicode.tokenize_lines).tokenize(table)
     keys = list(table)
     mismatches = [k for k in keys if expected.get(k) != got.get(k)]
     print(f"tokenizer: {count - len(mismatches)}/{count} captions give the same tokens after the "
@@ -392,10 +395,11 @@ def tokenizer_check(count: int, seed: int, ptb_jar: str, fixture: str | None) ->
           f"caption-like {sum(int(k) % 2 == 1 for k in mismatches)} mismatches of {count // 2}, "
           f"character soup {sum(int(k) % 2 == 0 for k in mismatches)} of {count - count // 2})")
     for k in sorted(mismatches, key=lambda k: -(int(k) % 2))[:30]:
-        print(f"  {table[k][0]!r}\n    java   {expected.get(k)!r}\n    python {got.get(k)!r}")
+        print(f"  {table[k][0]['caption']!r}\n    java   {expected.get(k)!r}\n    "
+              f"python {got.get(k)!r}")
     if fixture:
         with open(fixture, "w", encoding="utf-8") as f:
-            json.dump([{"kind": "caption" if int(k) % 2 else "soup", "text": table[k][0],
+            json.dump([{"kind": "caption" if int(k) % 2 else "soup", "text": table[k][0]["caption"],
                         "tokens": expected[k][0]} for k in keys], f, ensure_ascii=False, indent=0)
         print(f"wrote {fixture}")
 
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stopping_batches", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="kept for inspection (default: a temporary folder)")
-    parser.add_argument("--our_tokenizer", choices=("java", "python"), default="java",
+    parser.add_argument("--our_tokenizer", choices=("stanford", "python"), default="stanford",
                         help="PTB tokenizer of this project's YouCook2 side (the authors' side "
                              "always runs the jar)")
     parser.add_argument("--tokenizer_only", type=int, default=0, metavar="N")
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer_only:
         if not args.jars:
             parser.error("--tokenizer_only needs --jars")
-        tokenizer_check(args.tokenizer_only, args.seed, find_file(args.jars, ptb_tokenizer.JAR_NAME),
+        tokenizer_check(args.tokenizer_only, args.seed, find_file(args.jars, PTB_JAR),
                         args.write_fixture)
         return 0
     if not args.authors_repo:

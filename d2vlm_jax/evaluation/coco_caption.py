@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -55,12 +55,12 @@ def stanford_jar() -> str | None:
     return jar if os.path.isfile(jar) else None
 
 
-def _stanford_lines(text: str, jar: str) -> list[str]:
+def _stanford_lines(text: str, jar: str, java: str = "java") -> list[str]:
     with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".txt") as f:
         f.write(text.encode())
         path = f.name
     try:
-        out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+        out = subprocess.run([java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
                               "-preserveLines", "-lowerCase", path],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
     finally:
@@ -75,20 +75,34 @@ class CaptionTokenizer:
     space), tokenized line-preserving, and the output lines are zipped back onto the keys
     in order -- so a caption holding another line break (``\\r``, ``\\x0b``, ``\\x0c``)
     shifts every later caption by a line, exactly as in coco-caption.
+
+    Args:
+      backend: ``auto`` (the jar when it can run, else Python), ``stanford`` or ``python``.
+      jar: an explicit ``stanford-corenlp-3.4.1.jar`` (default: ``pycocoevalcap``'s).
+      python_lines: the Python back end, ``text -> lines`` (default
+        :func:`d2vlm_jax.evaluation.ptb.tokenize_lines`, ASCII text).
+      java: the Java executable.
     """
 
-    def __init__(self, backend: str = "auto"):
+    def __init__(self, backend: str = "auto", jar: str | None = None,
+                 python_lines: Callable[[str], list[str]] | None = None, java: str = "java"):
         if backend not in ("auto", "stanford", "python"):
             raise ValueError(f"caption tokenizer backend must be auto|stanford|python, got {backend!r}")
-        self.jar = stanford_jar() if backend in ("auto", "stanford") else None
+        if jar is not None and not os.path.isfile(jar):
+            raise ValueError(f"PTB tokenizer jar not found: {jar}")
+        if jar is not None and shutil.which(java) is None:
+            raise ValueError(f"PTB tokenizer jar {jar} given but no {java!r} to run it")
+        self.jar = (jar or stanford_jar()) if backend in ("auto", "stanford") else None
         if backend == "stanford" and self.jar is None:
             raise ValueError("caption tokenizer 'stanford' needs pycocoevalcap and java")
         self.backend = "stanford" if self.jar else "python"
+        self.java = java
+        self.python_lines = python_lines or ptb.tokenize_lines
 
     def lines(self, text: str) -> list[str]:
         if self.jar is not None:
-            return _stanford_lines(text, self.jar)
-        return ptb.tokenize_lines(text)
+            return _stanford_lines(text, self.jar, self.java)
+        return self.python_lines(text)
 
     def tokenize(self, captions: Mapping) -> dict:
         keys = [k for k, v in captions.items() for _ in range(len(v))]
@@ -236,22 +250,48 @@ def cider(gts: Mapping, res: Mapping, n: int = 4, sigma: float = 6.0) -> float:
 # ---------------------------------------------------------------------------- METEOR
 
 class Meteor:
-    """METEOR 1.5 through ``pycocoevalcap``'s jar (``-stdio -l en -norm``), one process.
+    """METEOR 1.5 through a ``meteor-1.5.jar`` (``-stdio -l en -norm``), one process.
 
-    ``available`` is False without ``pycocoevalcap`` or ``java``; :meth:`score` then
-    returns None.
+    Args:
+      jar: the jar to run (its ``data/paraphrase-en.gz`` beside it); default:
+        ``pycocoevalcap``'s own. ``available`` is False without a jar or ``java``;
+        :meth:`score` then returns None.
+      java: the Java executable.
     """
 
-    def __init__(self):
+    def __init__(self, jar: str | None = None, java: str = "java"):
         self.process = None
-        base = _pycocoevalcap_dir()
-        if base is None or shutil.which("java") is None:
+        if jar is None:
+            base = _pycocoevalcap_dir()
+            jar = os.path.join(base, "meteor", "meteor-1.5.jar") if base else None
+        elif not os.path.isfile(jar):
+            raise ValueError(f"METEOR jar not found: {jar}")
+        if jar is None or not os.path.isfile(jar) or shutil.which(java) is None:
             return
-        directory = os.path.join(base, "meteor")
         self.process = subprocess.Popen(
-            ["java", "-jar", "-Xmx2G", "meteor-1.5.jar", "-", "-", "-stdio", "-l", "en", "-norm"],
-            cwd=directory, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL)
+            [java, "-jar", "-Xmx2G", os.path.basename(jar), "-", "-", "-stdio", "-l", "en", "-norm"],
+            cwd=os.path.dirname(os.path.abspath(jar)), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
+        """coco-caption's ``Meteor.compute_score``: items in SORTED key order; returns the
+        jar's corpus score and the per-item scores (in that order)."""
+        if self.process is None:
+            raise RuntimeError("METEOR is not available (no jar or no java)")
+        if sorted(gts) != sorted(res):
+            raise ValueError("METEOR: references and hypotheses must have the same keys")
+        keys = sorted(gts)
+        line = "EVAL"
+        for key in keys:
+            hypothesis = res[key][0].replace("|||", "").replace("  ", " ")
+            request = " ||| ".join(("SCORE", " ||| ".join(gts[key]), hypothesis))
+            self.process.stdin.write(f"{request}\n".encode())
+            self.process.stdin.flush()
+            line += " ||| " + self.process.stdout.readline().decode().strip()
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+        scores = [float(self.process.stdout.readline().decode()) for _ in keys]
+        return float(self.process.stdout.readline().strip()), np.asarray(scores)
 
     @property
     def available(self) -> bool:

@@ -96,21 +96,24 @@ def split_at_delimiter(answer: str, delimiter: str) -> tuple[str, str] | None:
     return pieces[0], pieces[-1]
 
 
-def d2vlm_grounding_intervals(answer: str, delimiter: str
+def d2vlm_grounding_intervals(answer: str, delimiter: str, strip_trailing_dots: bool = True
                               ) -> tuple[list[list[float]] | None, list[list[float]] | None]:
     """The D²VLM script's ``tvg_format(ans, delimiter)``: ``(answer intervals, evidence intervals)``.
 
     The text is lower-cased (delimiter too) and split at the delimiter: no delimiter gives
     ``(None, None)`` -- a failed sample. The answer part is parsed by
-    :func:`grounding_intervals` with trailing dots stripped; the grounding-stage part yields
-    its ``a - b`` pairs only, as written (not reordered, no other rule, no dot stripping).
+    :func:`grounding_intervals` with trailing dots stripped (``strip_trailing_dots=False``:
+    the TimeChat-format Charades converter's copy, which does not strip them and so fails on
+    ``"12.. - 15"``); the grounding-stage part yields its ``a - b`` pairs only, as written
+    (not reordered, no other rule, no dot stripping).
     """
     parts = split_at_delimiter(answer.lower(), delimiter.lower())
     if parts is None:
         return None, None
     evidence_text, answer_text = parts
     evidence = [[script_float(a), script_float(b)] for a, b in INTERVAL.findall(evidence_text)]
-    return grounding_intervals(answer_text, strip_trailing_dots=True), (evidence or None)
+    return (grounding_intervals(answer_text, strip_trailing_dots=strip_trailing_dots),
+            evidence or None)
 
 
 def first_number(text: str) -> float | None:

@@ -97,6 +97,30 @@ def densevid_iou(first: Sequence[float], second: Sequence[float]) -> float:
     return float(intersection) / (union + 1e-8)
 
 
+def timechat_densevid_iou(first: Sequence[float], second: Sequence[float]) -> float:
+    """IoU of TimeChat's densevid evaluator (the authors' YouCook2 ``eval_in_timechat_format``).
+
+    Unlike :func:`densevid_iou`, each interval is re-ordered first (``float(min(*x))``,
+    ``float(max(*x))``); then ``inter / (min(hull, len_1 + len_2) + 1e-8)``.
+    """
+    start_1, end_1 = float(min(*first)), float(max(*first))
+    start_2, end_2 = float(min(*second)), float(max(*second))
+    intersection = max(0, min(end_1, end_2) - max(start_1, start_2))
+    union = min(max(end_1, end_2) - min(start_1, start_2), end_1 - start_1 + end_2 - start_2)
+    return float(intersection) / (union + 1e-8)
+
+
+def timechat_grounding_iou(gt: Sequence[float], pred: Sequence[float]) -> float:
+    """IoU of TimeChat's grounding eval (the authors' Charades-STA ``eval_in_timechat_format``).
+
+    ``max(min(g1, p1) - max(g0, p0), 0) / (max(g1, p1) - min(g0, p0))``: no epsilon, a
+    reversed prediction is not re-ordered, and 0/0 raises ZeroDivisionError as there.
+    """
+    max0, min0 = max(gt[0], pred[0]), min(gt[0], pred[0])
+    max1, min1 = max(gt[1], pred[1]), min(gt[1], pred[1])
+    return max(min1 - max0, 0) / (max1 - min0)
+
+
 # ---------------------------------------------------------------- seconds <-> frames
 
 def frame_interval_to_seconds(first: int, last: int, fps: float = 1.0,

@@ -6,7 +6,8 @@ the pipeline behind the paper's Charades-STA R@0.5 50.3 / R@0.7 26.0.
 
 Converter (records with ``task == "tvg"`` and ``source == "charades_sta"``, in file order):
 
-* the answer is parsed by :func:`authors_text.grounding_intervals` (no trailing-dot strip);
+* the answer is parsed by :func:`etbench_answers.d2vlm_grounding_intervals` (the D²VLM
+  script's ``tvg_format``) *without* its trailing-dot strip, as this copy of it has none;
 * the prediction is the **first** answer-stage interval, ordered; if the answer stage has
   none, the first grounding-stage (evidence) interval **as written** (possibly reversed);
 * with neither, the record is a failure: an empty entry, which the eval scores as
@@ -38,20 +39,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from d2vlm_jax.evaluation import authors_text
+from d2vlm_jax.evaluation import etbench_answers
+from d2vlm_jax.evaluation.iou import timechat_grounding_iou
 from d2vlm_jax.evaluation.protocols import Protocol, register
-from d2vlm_jax.evaluation.protocols.timechat_common import (AuthorsStops, json_object_keys,
-                                                            load_json, select_records)
+from d2vlm_jax.evaluation.protocols.timechat_common import (DEFAULT_DELIMITER, AuthorsStops,
+                                                            json_object_keys, load_json,
+                                                            resolve_delimiter, result_document,
+                                                            select_records)
 
+SCRIPTS = ("all_benchmark_eval/charades/convert_result_in_timechat_format.py + "
+           "eval_in_timechat_format.py")
 THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
 REPORTED_THRESHOLDS = (0.3, 0.5, 0.7)
-
-
-def timechat_iou(gt: Sequence[float], pred: Sequence[float]) -> float:
-    """The eval script's IoU (``gt``, ``pred`` as ``[start, end]``; raises ZeroDivisionError)."""
-    max0, min0 = max(gt[0], pred[0]), min(gt[0], pred[0])
-    max1, min1 = max(gt[1], pred[1]), min(gt[1], pred[1])
-    return max(min1 - max0, 0) / (max1 - min0)
 
 
 def _is_pair(value: Any) -> bool:
@@ -60,7 +59,7 @@ def _is_pair(value: Any) -> bool:
 
 
 def convert(records: Sequence[Mapping], stops: AuthorsStops,
-            delimiter: str = authors_text.DEFAULT_DELIMITER) -> tuple[dict[str, Any], int]:
+            delimiter: str = DEFAULT_DELIMITER) -> tuple[dict[str, Any], int]:
     """The converter: ``result_converted.json`` as read back (str keys) and the failure count."""
     entries: list[tuple[Any, Any]] = []
     failures = 0
@@ -73,8 +72,9 @@ def convert(records: Sequence[Mapping], stops: AuthorsStops,
             stops.stop("missing_field", f"{where}: 'a' is {type(answer).__name__}, not a string")
             answer = ""
         try:
-            pred, evidence = authors_text.grounding_intervals(answer, delimiter)
-        except authors_text.AuthorsParseError as error:
+            pred, evidence = etbench_answers.d2vlm_grounding_intervals(
+                answer, delimiter, strip_trailing_dots=False)
+        except etbench_answers.ScriptCrash as error:
             stops.stop("unreadable_number", f"{where}: {error}")
             pred, evidence = None, None
         if not pred:
@@ -147,7 +147,7 @@ def evaluate(converted: Mapping[str, Any], ground_truth: Mapping[Any, Any],
         if key not in predictions or len(predictions[key]) < 1:
             continue
         try:
-            iou = timechat_iou(gt, predictions[key])
+            iou = timechat_grounding_iou(gt, predictions[key])
         except ZeroDivisionError:
             stops.stop("zero_length_union", f"query {key!r}: gt {gt} and prediction "
                        f"{predictions[key]} give IoU 0/0")
@@ -170,7 +170,7 @@ def evaluate(converted: Mapping[str, Any], ground_truth: Mapping[Any, Any],
 
 
 def score(records: Sequence[Mapping], *, sentence_similarity=None,
-          ground_truth: str | None = None, delimiter: str = authors_text.DEFAULT_DELIMITER,
+          ground_truth: str | None = None, delimiter: str | None = None,
           strict: bool = False, **unused: Any) -> dict[str, Any]:
     """Scores E.T. Bench-layout prediction records as the authors' two scripts do.
 
@@ -180,28 +180,41 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
       sentence_similarity: unused (no caption metric).
       ground_truth: path of TimeChat's ``test.caption_coco_format.json``; None = the records'
         own ``{idx: tgt}``.
-      delimiter: the stage delimiter.
+      delimiter: the stage delimiter (None: ``</evi>``, the scripts' ``v3``; ``v2`` / ``v3`` /
+        ``v4`` or literal text as their ``--delimiter``).
       strict: raise :class:`AuthorsScriptWouldStop` where the authors' scripts stop.
 
     Returns:
       ``R@0.3``, ``R@0.5``, ``R@0.7`` in percent and ``mIoU`` as a fraction, as the eval
-      script prints them; the counts behind them; ``authors_script_would_stop``.
+      script prints them; the counts behind them; ``authors_script_would_stop`` with its
+      reasons; and the shared result fields (``tasks``, ``printed``, ``notes``,
+      ``script_failure``).
     """
     del sentence_similarity, unused
     selected = select_records(records, "tvg", "charades_sta", "charades_sta")
     stops = AuthorsStops("Charades-STA TimeChat-format scripts", strict)
-    converted, failures = convert(selected, stops, delimiter)
+    converted, failures = convert(selected, stops, resolve_delimiter(delimiter))
     gt = (ground_truth_from_file(ground_truth) if ground_truth
           else ground_truth_from_records(selected))
     metrics = evaluate(converted, gt, stops)
-    metrics.update(num_records=len(selected), num_failed=failures,
-                   units="R@t in percent, mIoU as a fraction (as the authors' script prints)",
-                   ground_truth=ground_truth or "records' idx/tgt")
-    metrics.update(stops.report())
-    return metrics
+    metrics.update(num_records=len(selected), num_failed=failures)
+    printed = {f"IOU {t}": metrics[f"R@{t}"] for t in REPORTED_THRESHOLDS}
+    printed["mIOU"] = metrics["mIoU"]
+    notes = ["R@t in percent and mIoU as a fraction, as the authors' eval script prints them",
+             f"ground truth: {ground_truth or 'the records own idx/tgt'}"]
+    return result_document(metrics, benchmark="charades", task="tvg", source="charades_sta",
+                           reproduces=SCRIPTS, score_key="R@0.5", stops=stops, notes=notes,
+                           printed=printed)
+
+
+def converter_file_filter(path: str) -> bool:
+    """A predictions directory's files as the authors' converter lists them: every
+    ``*.json`` / ``*.jsonl`` except paths containing ``result_converted`` (its own
+    output; its ``!= 'metrics.json'`` test compares joined paths and skips nothing)."""
+    return "result_converted" not in path
 
 
 register(Protocol(
     name="charades_timechat", benchmark="charades",
     summary="Charades-STA as the authors score it: TimeChat-format converter + eval script",
-    score=score))
+    score=score, keep_file=converter_file_filter))

@@ -21,6 +21,21 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+DELIMITERS = {"v2": "Answer: ", "v3": "</evi>", "v4": ""}
+DEFAULT_DELIMITER = DELIMITERS["v3"]
+
+
+def resolve_delimiter(delimiter: str | None) -> str:
+    """The scripts' ``--delimiter``: None = ``v3`` (``</evi>``); ``v2``/``v3``/``v4`` or text.
+
+    ``v4`` (empty) makes their ``str.split`` raise; refused here with a clear error.
+    """
+    text = DEFAULT_DELIMITER if delimiter is None else DELIMITERS.get(delimiter, delimiter)
+    if not text:
+        raise ValueError("the delimiter must not be empty (the scripts' 'v4' = '' fails in "
+                         "str.split)")
+    return text
+
 
 class AuthorsScriptWouldStop(RuntimeError):
     """The authors' script raises on this input (it prints no metric at all)."""
@@ -50,6 +65,26 @@ class AuthorsStops:
         return {"authors_script_would_stop": sum(self.counts.values()),
                 "authors_stop_reasons": dict(self.counts),
                 "authors_stop_examples": dict(self.first)}
+
+
+def result_document(metrics: dict[str, Any], *, benchmark: str, task: str, source: str,
+                    reproduces: str, score_key: str, stops: AuthorsStops, notes: list[str],
+                    printed: dict[str, Any]) -> dict[str, Any]:
+    """The protocol result: the flat metrics, plus the ``tasks`` / ``notes`` /
+    ``script_failure`` / ``printed`` fields that ``scoring.format_table`` and
+    ``launch/evaluate.py`` read (shared with the E.T. Bench protocols)."""
+    report = stops.report()
+    failure = None
+    if report["authors_script_would_stop"]:
+        failure = (f"the authors' scripts stop on {report['authors_script_would_stop']} "
+                   f"record(s) ({', '.join(sorted(report['authors_stop_reasons']))}); these "
+                   "numbers use the documented repairs")
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    entry = {"sources": {source: numbers}, "score_key": score_key,
+             "score": metrics.get(score_key), "num_samples": metrics.get("num_records")}
+    return {**metrics, **report, "benchmark": benchmark, "reproduces": reproduces,
+            "tasks": {task: entry}, "printed": printed, "notes": notes,
+            "script_failure": failure}
 
 
 def select_records(records: Sequence[Mapping], task: str, source: str,

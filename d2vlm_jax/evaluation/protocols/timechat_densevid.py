@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from d2vlm_jax.evaluation import cider, ptb_tokenizer
+from d2vlm_jax.evaluation import coco_caption
+from d2vlm_jax.evaluation.iou import timechat_densevid_iou
 from d2vlm_jax.evaluation.protocols.timechat_common import AuthorsStops
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -61,15 +62,6 @@ class GroundTruth:
         self.paragraphs.append(" ".join(with_dots))
 
 
-def densevid_iou(first: Sequence[float], second: Sequence[float]) -> float:
-    """The evaluator's IoU: re-ordered intervals, ``union = min(hull, len_1 + len_2)``, +1e-8."""
-    start_1, end_1 = float(min(*first)), float(max(*first))
-    start_2, end_2 = float(min(*second)), float(max(*second))
-    intersection = max(0, min(end_1, end_2) - max(start_1, start_2))
-    union = min(max(end_1, end_2) - min(start_1, start_2), end_1 - start_1 + end_2 - start_2)
-    return float(intersection) / (union + 1e-8)
-
-
 def dp_assignment_score(scores: np.ndarray) -> float:
     """SODA's ``chased_dp_assignment`` maximum: best order-preserving one-to-one matching.
 
@@ -89,20 +81,19 @@ def dp_assignment_score(scores: np.ndarray) -> float:
 
 def _cider(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, Sequence[str]],
            stops: AuthorsStops, where: str) -> float:
-    """coco-caption ``Cider().compute_score`` on tokenised strings (split at whitespace)."""
-    refs = {k: [r.split() for r in v] for k, v in references.items()}
-    hyps = {k: v[0].split() for k, v in hypotheses.items()}
-    if not any(tokens for rs in refs.values() for tokens in rs):
+    """coco-caption ``Cider().compute_score`` on tokenised strings; its crash repaired to 0."""
+    try:
+        return coco_caption.cider(references, hypotheses)
+    except coco_caption.CiderCrash:
         stops.stop("cider_without_reference_words",
                    f"{where}: no reference has a word (max() of an empty document frequency)")
         return 0.0
-    return cider.cider_d(refs, hyps)[0]
 
 
 class DensevidEvaluator:
     """One evaluation run (its tokenizer, optional METEOR, random strings, stop counter)."""
 
-    def __init__(self, tokenizer: ptb_tokenizer.LineTokenizer, meteor, stops: AuthorsStops,
+    def __init__(self, tokenizer: coco_caption.CaptionTokenizer, meteor, stops: AuthorsStops,
                  random_caption: Callable[[], str], thresholds: Sequence[float] = THRESHOLDS):
         self.tokenizer = tokenizer
         self.meteor = meteor
@@ -141,7 +132,7 @@ class DensevidEvaluator:
         for segment, caption in zip(segments, captions):
             added = {t: False for t in self.thresholds}
             for gt_segment, gt_caption in zip(gt_segments, gt_captions):
-                iou = densevid_iou(segment, gt_segment)
+                iou = timechat_densevid_iou(segment, gt_segment)
                 for t in self.thresholds:
                     if iou >= t:
                         numbers[t].append(n)
@@ -168,7 +159,7 @@ class DensevidEvaluator:
         covered = {t: (set(), set()) for t in self.thresholds}
         for g, gt_segment in enumerate(gt_segments):
             for p, segment in enumerate(segments):
-                iou = densevid_iou(segment, gt_segment)
+                iou = timechat_densevid_iou(segment, gt_segment)
                 iou_matrix[g, p] = iou
                 for t in self.thresholds:
                     if iou > t:
@@ -241,7 +232,8 @@ class DensevidEvaluator:
                 numbers_of[t][key] = numbers[t]
 
         def tokenize(table):
-            return ptb_tokenizer.tokenize_captions(table, self.tokenizer)
+            return self.tokenizer.tokenize(
+                {k: [{"caption": c} for c in v] for k, v in table.items()})
 
         for t in self.thresholds:
             flat_gts[t] = tokenize(flat_gts[t])

@@ -6,7 +6,10 @@ text -> ``{video: [{timestamp, caption}, ...]}``) followed by ``eval_in_timechat
 YouCook2 F1 26.4.
 
 Converter (records with ``task == "dvc"``, ``source == "youcook2"``): events from
-:func:`authors_text.dense_events`; the key is the video file name (``video`` after the last
+:func:`etbench_answers.d2vlm_dense_captions` (the same ``dvc_format`` as the D²VLM E.T.
+Bench script: the text between the first and second delimiter, each ``a - b`` paired with
+the text piece before it, then "start time:" phrases, then the first usable line or
+sentence of the *whole* answer, ``m:ss`` and lone numbers widened to 40 s); the key is the video file name (``video`` after the last
 ``/``; a later record of the same video replaces an earlier one). An answer without the
 delimiter gets an empty list. An answer with the delimiter but no event stops the authors'
 converter (``no_events`` / ``parse_error``; repair: an empty list).
@@ -35,8 +38,11 @@ mean over the ground-truth videos (printed x100 by the script; reported here as 
   later pair (reproduced); words are ``[a-zA-Z]`` runs, lower-cased, no PTB;
 * ``n_preds``: mean number of predictions per video.
 
-METEOR, SODA_c_2 and Para_METEOR need the user's ``meteor-1.5.jar`` (``meteor_jar``);
-without it they are ``None`` and listed under ``unavailable``.
+METEOR, SODA_c_2 and Para_METEOR need a ``meteor-1.5.jar`` (``meteor_jar``, else the one
+of an installed ``pycocoevalcap``) and Java; without them they are ``None`` and listed
+under ``unavailable``, never estimated. The PTB tokenizer is the jar when it can run
+(``tokenizer="auto"``), else :mod:`d2vlm_jax.evaluation.ptb_unicode`; ``metrics["tokenizer"]``
+says which.
 """
 
 from __future__ import annotations
@@ -46,18 +52,25 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from d2vlm_jax.evaluation import authors_text, ptb_tokenizer
-from d2vlm_jax.evaluation.meteor import MeteorScorer
+from d2vlm_jax.evaluation import coco_caption, etbench_answers, ptb_unicode
 from d2vlm_jax.evaluation.protocols import Protocol, register
-from d2vlm_jax.evaluation.protocols.timechat_common import (AuthorsStops, json_object_keys,
-                                                            load_json, select_records)
+from d2vlm_jax.evaluation.protocols.timechat_common import (DEFAULT_DELIMITER, AuthorsStops,
+                                                            json_object_keys, load_json,
+                                                            resolve_delimiter, result_document,
+                                                            select_records)
 from d2vlm_jax.evaluation.protocols import timechat_densevid as densevid
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
+SCRIPTS = ("all_benchmark_eval/youcook2/convert_result_in_timechat_format.py + "
+           "eval_in_timechat_format.py")
+PRINTED = ("Para_CIDER", "Para_METEOR", "CIDER", "METEOR", "Precision@0.3", "Recall@0.3",
+           "Precision@0.5", "Recall@0.5", "Precision@0.7", "Recall@0.7", "Precision@0.9",
+           "Recall@0.9", "Precision_Mean", "Recall_Mean", "F1_Score", "SODA_c_1", "SODA_c_2",
+           "SODA_c_3", "n_preds")
 
 
 def convert(records: Sequence[Mapping], stops: AuthorsStops,
-            delimiter: str = authors_text.DEFAULT_DELIMITER) -> tuple[dict[str, Any], int]:
+            delimiter: str = DEFAULT_DELIMITER) -> tuple[dict[str, Any], int]:
     """The converter: ``result_converted.json`` as read back, and the count of empty entries."""
     entries = []
     empty = 0
@@ -69,13 +82,18 @@ def convert(records: Sequence[Mapping], stops: AuthorsStops,
         if not isinstance(answer, str):
             stops.stop("missing_field", f"{where}: 'a' is {type(answer).__name__}, not a string")
             answer = ""
-        parsed = authors_text.dense_events(answer, delimiter)
-        if parsed.status in ("no_events", "parse_error"):
-            stops.stop(parsed.status, f"{where}: dvc_format returns 2 values to a caller "
-                       f"unpacking 3 {parsed.detail}".rstrip())
+        try:
+            parsed = etbench_answers.d2vlm_dense_captions(answer, delimiter)
+        except etbench_answers.ScriptCrash as error:
+            stops.stop("parse_error", f"{where}: {error}")
+            parsed = None
+        else:
+            if parsed is None and delimiter in answer:  # delimiter present, no event
+                stops.stop("no_events", f"{where}: no event; dvc_format returns 2 values to "
+                           "a caller unpacking 3")
+        events = ([] if parsed is None else
+                  [{"timestamp": t, "caption": c} for t, c in zip(parsed[0], parsed[1])])
         video = str(record.get("video", "")).split("/")[-1]
-        events = [{"timestamp": t, "caption": c}
-                  for t, c in zip(parsed.timestamps, parsed.captions)]
         empty += not events
         entries.append((video, events))
     return json_object_keys(entries), empty
@@ -125,9 +143,9 @@ def ground_truth_from_file(path: str) -> densevid.GroundTruth:
 
 def score(records: Sequence[Mapping], *, sentence_similarity=None,
           ground_truth: str | None = None, meteor_jar: str | None = None,
-          ptb_jar: str | None = None, tokenizer: str = "auto",
-          delimiter: str = authors_text.DEFAULT_DELIMITER,
-          strict: bool = False, seed: int = 0, **unused: Any) -> dict[str, Any]:
+          ptb_jar: str | None = None, tokenizer: str = "auto", meteor: bool = True,
+          delimiter: str | None = None, strict: bool = False, random_seed: int | None = None,
+          **unused: Any) -> dict[str, Any]:
     """Scores E.T. Bench-layout prediction records as the authors' two scripts do.
 
     Args:
@@ -135,14 +153,15 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
       sentence_similarity: unused (the TimeChat evaluator has no sentence similarity).
       ground_truth: TimeChat's ``val.caption_coco_format.json``; None = the records' own
         ``tgt``/``g`` (one video per distinct ``video``).
-      meteor_jar: path of ``meteor-1.5.jar``; None = METEOR-based metrics unavailable.
-      ptb_jar: path of ``stanford-corenlp-3.4.1.jar``; None = found automatically (see
-        ``ptb_tokenizer.default_line_tokenizer``).
-      tokenizer: ``"auto"`` (the jar when given or found, else the Python one), ``"java"``
-        (the jar, an error without one) or ``"python"`` (the Python re-implementation).
-      delimiter: the stage delimiter.
+      meteor_jar: a ``meteor-1.5.jar``; None = an installed ``pycocoevalcap``'s, if any.
+      ptb_jar: a ``stanford-corenlp-3.4.1.jar``; None = an installed ``pycocoevalcap``'s.
+      tokenizer: ``auto`` (the jar when it can run, else the Python one), ``stanford``
+        (the jar, an error without one) or ``python`` (:mod:`ptb_unicode`).
+      meteor: False = skip METEOR (and SODA_c, Para_METEOR): reported unavailable.
+      delimiter: the stage delimiter (None: ``</evi>``; ``v2``/``v3``/``v4`` or text).
       strict: raise :class:`AuthorsScriptWouldStop` where the authors' scripts stop.
-      seed: seed of the random strings that stand for unmatched ground truth.
+      random_seed: seed of the random strings standing for unmatched ground truth (the
+        script's are unseeded; they score ~0 whatever their letters).
 
     Returns:
       the evaluator's per-video means (fractions) under its names, the paragraph metrics,
@@ -151,37 +170,55 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
     del sentence_similarity, unused
     selected = select_records(records, "dvc", "youcook2", "youcook2_dvc")
     stops = AuthorsStops("YouCook2 TimeChat-format scripts", strict)
-    converted, empty = convert(selected, stops, delimiter)
+    converted, empty = convert(selected, stops, resolve_delimiter(delimiter))
     gt = ground_truth_from_file(ground_truth) if ground_truth else ground_truth_from_records(
         selected)
-    line_tokenizer = ptb_tokenizer.make_line_tokenizer(tokenizer, ptb_jar)
-    meteor = None
-    unavailable = []
-    if meteor_jar:
-        meteor = MeteorScorer(meteor_jar)
-    else:
-        unavailable = ["METEOR", "SODA_c_2", "Para_METEOR"]
-    rng = random.Random(seed)
+    caption_tokenizer = coco_caption.CaptionTokenizer(tokenizer, jar=ptb_jar,
+                                                      python_lines=ptb_unicode.tokenize_lines)
+    scorer = coco_caption.Meteor(meteor_jar) if meteor else None
+    if scorer is not None and not scorer.available:
+        scorer = None
+    unavailable = [] if scorer else ["METEOR", "SODA_c_2", "Para_METEOR"]
+    rng = random.Random(random_seed)
 
     def random_caption() -> str:
         return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(10, 20)))
 
     try:
-        evaluator = densevid.DensevidEvaluator(line_tokenizer, meteor, stops, random_caption)
+        evaluator = densevid.DensevidEvaluator(caption_tokenizer, scorer, stops, random_caption)
         metrics = evaluator.evaluate(converted, gt)
     finally:
-        if meteor is not None:
-            meteor.close()
+        if scorer is not None:
+            scorer.close()
     metrics.update(num_records=len(selected), num_empty_entries=empty,
-                   num_ground_truth_videos=len(gt.keys), tokenizer=line_tokenizer.name,
-                   units="fractions (the authors' script prints x100, rounded to 0.1)",
-                   ground_truth=ground_truth or "records' tgt/g",
-                   unavailable=unavailable)
-    metrics.update(stops.report())
-    return metrics
+                   num_ground_truth_videos=len(gt.keys))
+    tokenizer_name = ("stanford-corenlp-3.4.1.jar" if caption_tokenizer.backend == "stanford"
+                      else "python (ptb_unicode; approximates the jar)")
+    printed = {k: (None if v is None else round(v, 1) if k == "n_preds" else round(v * 100, 1))
+               for k, v in metrics.items() if k in PRINTED}
+    notes = ["metrics are fractions (the authors' script prints x100, rounded to 0.1: "
+             "'printed')", f"caption tokenizer: {tokenizer_name}",
+             f"ground truth: {ground_truth or 'the records own tgt/g'}"]
+    if unavailable:
+        notes.append(f"unavailable (no METEOR jar or java, or meteor off): {', '.join(unavailable)}")
+    if random_seed is None:
+        notes.append("unmatched ground truth compared with unseeded random strings, as in the "
+                     "script (they score ~0 whatever their letters)")
+    result = result_document(metrics, benchmark="youcook2", task="dvc", source="youcook2",
+                             reproduces=SCRIPTS, score_key="F1_Score", stops=stops,
+                             notes=notes, printed=printed)
+    result.update(tokenizer=tokenizer_name, unavailable=unavailable)
+    return result
+
+
+def converter_file_filter(path: str) -> bool:
+    """A predictions directory's files as the authors' converter lists them: every
+    ``*.json`` / ``*.jsonl`` except paths containing ``result_converted.json`` (its own
+    output; its ``!= 'metrics.json'`` test compares joined paths and skips nothing)."""
+    return "result_converted.json" not in path
 
 
 register(Protocol(
     name="youcook2_timechat", benchmark="youcook2",
     summary="YouCook2 as the authors score it: TimeChat-format converter + densevid eval",
-    score=score))
+    score=score, keep_file=converter_file_filter))

@@ -1,4 +1,7 @@
-"""A Python stand-in for CoreNLP 3.4.1's ``PTBTokenizer -preserveLines -lowerCase``.
+"""A Python stand-in for CoreNLP 3.4.1's ``PTBTokenizer -preserveLines -lowerCase`` on
+Unicode text (the TimeChat-format YouCook2 evaluator tokenizes captions as they are; the
+E.T. Bench evaluators replace non-ASCII characters first and use the ASCII lexer of
+``ptb.py``).
 
 Written from the program's observed behaviour (probed with the jar, see
 ``tools/crosscheck_timechat_scoring.py --tokenizer_only``), not from its source. It covers
@@ -85,13 +88,9 @@ _NUMBER_AHEAD = re.compile(r"[ \u00a0]*\d")
 _NEGATION_AHEAD = re.compile(rf"[{_APOSTROPHES}][tT](?!{_L})")
 
 
-class PythonPTBTokenizer:
-    """``lines(text)``: the jar's output lines for ``text`` (see the module docstring)."""
-
-    name = "python-ptb (approximates stanford-corenlp-3.4.1 PTBTokenizer)"
-
-    def lines(self, text: str) -> list[str]:
-        return [" ".join(tokenize_line(line)) for line in _LINE_BREAK.split(text)]
+def tokenize_lines(text: str) -> list[str]:
+    """The jar's output lines for ``text`` (one per input line, tokens space-joined)."""
+    return [" ".join(tokenize_line(line)) for line in _LINE_BREAK.split(text)]
 
 
 def _keeps_period(word: str, rest: str) -> bool:
@@ -163,7 +162,7 @@ def tokenize_line(line: str) -> list[str]:
         end = pos + len(text)
         rest = line[end:]
         if name in ("word", "alnum", "hyphenated") and _NEGATION_AHEAD.match(rest) \
-                and text[-1] in "nN" and len(text) > 1:
+                and text[-1] in "nN" and len(text) > 1 and text[-2] not in "nN":
             tokens += [text[:-1], "n't"]
             end += 2
         elif name == "word" and text.lower() in _SPLIT_WORDS:

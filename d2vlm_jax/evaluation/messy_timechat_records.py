@@ -1,4 +1,4 @@
-"""Random messy model answers and prediction records, for property tests and crosschecks.
+"""Random messy answers and TimeChat-format prediction records (Charades-STA, YouCook2).
 
 Answers mix what a grounded video LLM writes (``a - b`` intervals, ``</evi>`` stages,
 captions) with what it writes when it goes wrong: no delimiter, several delimiters, no
@@ -42,9 +42,11 @@ def _number(rng: random.Random, duration: float = 120.0) -> str:
         return f"{rng.uniform(0, duration):.{rng.randint(2, 6)}f}"
     if kind < 0.84:
         return f"{rng.randint(0, int(duration))}."
+    if kind < 0.85:  # huge (repr 1e+17 ...), kept short: the authors' number patterns
+        return str(rng.randint(10 ** 16, 10 ** 21))  # backtrack cubically on long digit runs
     if kind < 0.87:
-        return str(rng.randint(10 ** 20, 10 ** 30))
-    if kind < 0.8815:  # rare: the authors' number patterns backtrack cubically on it
+        return str(rng.randint(0, 9))
+    if kind < 0.8702:  # rare: the authors' number patterns backtrack cubically on it
         return "9" * rng.randint(310, 330)  # past float range: inf
     if kind < 0.91:
         return "".join(rng.choice(_UNICODE_DIGITS) for _ in range(rng.randint(1, 3)))
