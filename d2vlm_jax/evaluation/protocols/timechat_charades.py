@@ -88,9 +88,10 @@ def convert(records: Sequence[Mapping], stops: AuthorsStops,
                     entries.append((f"{record.get('idx')}", []))
                 continue
             pred = evidence
-        if "idx" not in record or "video" not in record or "q" not in record:
+        authors_layout = record.get("task") == "tvg"  # not the project's charades_sta records
+        if "idx" not in record or "video" not in record or (authors_layout and "q" not in record):
             stops.stop("missing_field", f"{where}: the converter reads 'idx', 'video' and 'q'")
-        elif len(str(record["q"]).split("'")) < 2:
+        elif authors_layout and len(str(record["q"]).split("'")) < 2:
             stops.stop("query_without_quote", f"{where}: q.split(\"'\")[1] fails")
         if evidence is None:
             stops.stop("no_grounding_interval", f"{where}: torch.Tensor(None) on the evidence")
