@@ -12,7 +12,7 @@
   as well with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (DEBUG).
 
 Exit codes: 0 success, 1 an unexpected failure (a traceback: a bug to report), 2 a usage
-or input error (the one-line message says what to change).
+or input error (the one-line message says what to change), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -170,6 +170,10 @@ def run(main: Callable[[list[str]], Any], *, config_flag: str | None = None) -> 
     def guarded_main(argv: list[str]) -> Any:
         try:
             return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted (a training run resumes from its newest checkpoint with the same command)",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
         except app.UsageError as e:
             fail(str(e))
         except Exception as e:  # noqa: BLE001

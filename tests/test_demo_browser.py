@@ -106,6 +106,21 @@ def browser():
         driver.quit()
 
 
+def click(driver, find, timeout: float = 120.0) -> None:
+    """Clicks the element ``find(driver)`` returns like a user, retrying while the page is
+    still rendering (the element re-created, or covered by a spinner)."""
+    from selenium.common.exceptions import WebDriverException
+    deadline = time.time() + timeout
+    while True:
+        try:
+            find(driver).click()
+            return
+        except WebDriverException:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_demo_answers_plots_and_seeks_in_a_browser(demo_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
@@ -116,13 +131,13 @@ def test_demo_answers_plots_and_seeks_in_a_browser(demo_server, browser, tmp_pat
     wait = WebDriverWait(browser, 240, poll_frequency=0.5)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#d2vlm-ask"))
     # pick the first held-out clip: it fills the video and the question
-    rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#d2vlm-examples tr.tr-body, "
-                                                                 "#d2vlm-examples .gallery-item"))
+    examples = "#d2vlm-examples tr.tr-body, #d2vlm-examples .gallery-item"
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, examples))
     samples = json.load(open(os.path.join(demo_server["data_dir"], "val.json")))
-    rows[0].click()
+    click(browser, lambda d: d.find_elements(By.CSS_SELECTOR, examples)[0])
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#d2vlm-question textarea").get_attribute("value")
                == samples[0]["question"])
-    browser.find_element(By.CSS_SELECTOR, "#d2vlm-ask").click()
+    click(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#d2vlm-ask"))
 
     buttons = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.d2vlm-seek"))
     answer = browser.find_element(By.CSS_SELECTOR, "#d2vlm-answer").text
@@ -144,7 +159,7 @@ def test_demo_answers_plots_and_seeks_in_a_browser(demo_server, browser, tmp_pat
     browser.execute_script(f"document.querySelector('#d2vlm-player video').currentTime = {away};")
     wait.until(lambda d: abs(d.execute_script("return document.querySelector('#d2vlm-player video').currentTime;")
                              - away) < 1e-3)
-    buttons[0].click()
+    click(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "button.d2vlm-seek")[0])
     wait.until(lambda d: abs(d.execute_script("return document.querySelector('#d2vlm-player video').currentTime;")
                              - start) < 1e-3)
     browser.save_screenshot(str(tmp_path / "demo.png"))

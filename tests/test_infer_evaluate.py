@@ -175,7 +175,13 @@ def test_infer_end_to_end_with_plot(checkpoint, tmp_path):
     start, end = (float(x) for x in grounded[0].split(": ")[1].split(" - "))
     assert 0.0 <= start <= end <= tvg["duration"] and f"= {start:.1f} - {end:.1f} s" in evi[0]
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
-    assert not any(" INFO " in line or line[:1] == "I" and line[1:5].isdigit() for line in result.stderr.splitlines())
+    def info_lines(text):
+        return [line for line in text.splitlines() if line[:1] == "I" and line[1:5].isdigit()]
+    assert not info_lines(result.stderr)            # quiet by default ...
+    verbose = run_launcher(INFER, "--checkpoint", checkpoint["workdir"], "--video", video, "--question",
+                           tvg["question"], "--max_new_tokens", 4, "--json", "--verbosity=0", devices=1)
+    assert verbose.returncode == 0 and info_lines(verbose.stderr)   # ... library INFO logs on request
+    assert json.loads(verbose.stdout.strip().splitlines()[-1])["grounding_seconds"]
 
 
 def test_infer_input_errors_are_one_line(checkpoint, tmp_path):
