@@ -606,3 +606,23 @@ def test_score_cli_runs_the_timechat_protocols(tmp_path):
                            "--protocol", "charades_timechat", "--predictions", str(predictions),
                            "--strict"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "failed_answer_without_index" in done.stderr
+
+
+def test_project_cider_equals_coco_caption_cider():
+    """evaluation/cider.py (the project's) and coco_caption.cider (the coco-caption copy the
+    TimeChat evaluator runs, crosschecked against the authors' metrics/cider_scorer.py) agree
+    wherever the latter does not raise."""
+    rng = random.Random(3)
+    words = "a the salt pan stir add mix cut onion oil".split()
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        refs = {str(k): [" ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+                         for _ in range(rng.randint(1, 3))] for k in range(n)}
+        hyps = {k: [" ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))] for k in refs}
+        try:
+            expected = coco_caption.cider(refs, hyps)
+        except coco_caption.CiderCrash:
+            continue
+        ours = cider.cider_d({k: [r.split() for r in v] for k, v in refs.items()},
+                             {k: v[0].split() for k, v in hyps.items()})[0]
+        assert ours == pytest.approx(expected, rel=1e-12, abs=1e-12)
