@@ -425,12 +425,13 @@ def test_youcook2_end_to_end_and_stops():
     m = protocols.score("youcook2_timechat", records, **NO_JARS)
     assert m["F1_Score"] == pytest.approx(0.5) and m["num_empty_entries"] == 1
     assert m["unavailable"] == ["METEOR", "SODA_c_2", "Para_METEOR"] and m["METEOR"] is None
-    assert m["authors_script_would_stop"] == 0
+    assert m["authors_script_would_stop"] == 0 and m["script_failure"] is None
+    assert m["printed"]["F1_Score"] == 50.0 and m["tasks"]["dvc"]["score"] == m["F1_Score"]
     stopping = records + [youcook2_record(2, "</evi>nothing here")]
     with pytest.raises(AuthorsScriptWouldStop, match="no_events"):
         protocols.score("youcook2_timechat", stopping, strict=True, **NO_JARS)
     m = protocols.score("youcook2_timechat", stopping, **NO_JARS)
-    assert m["authors_stop_reasons"] == {"no_events": 1}
+    assert m["authors_stop_reasons"] == {"no_events": 1} and "no_events" in m["script_failure"]
     assert m["F1_Score"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="youcook2"):
         protocols.score("youcook2_timechat", [charades_record(0, "x")], **NO_JARS)

@@ -231,16 +231,23 @@ class Authors:
 
 
 def charades_gt_file(records: list[dict], path: str) -> None:
+    first = {}
+    for r in records:  # one annotation per query, as in TimeChat's file
+        first.setdefault(r["idx"], r)
     annotations = [{"id": r["idx"], "image_id": r["video"].split("/")[-1],
                     "caption": r["q"].split("'")[1] if "'" in r["q"] else "", "timestamp": r["tgt"]}
-                   for r in records]
+                   for r in first.values()]
     with open(path, "w") as f:
         json.dump({"annotations": annotations}, f)
 
 
 def youcook2_gt_file(records: list[dict], path: str) -> None:
+    first = {}
+    for r in records:  # one annotation per video, as in TimeChat's file
+        first.setdefault(r["video"], r)
     annotations = [{"image_id": r["video"].split("/")[-1], "segments": r["tgt"],
-                    "pure_cap": ". ".join(r["g"]), "duration": r["duration"]} for r in records]
+                    "pure_cap": ". ".join(r["g"]), "duration": r["duration"]}
+                   for r in first.values()]
     with open(path, "w") as f:
         json.dump({"annotations": annotations}, f)
 
@@ -296,7 +303,28 @@ def draw_batch(benchmark: str, rng: random.Random, size: int, start: int,
         kept.insert(rng.randrange(len(kept) + 1), bad)
     elif stop_reason:
         kept = crafted_stop(benchmark, stop_reason, kept)
+    elif rng.random() < 0.4:
+        kept = with_duplicates(benchmark, rng, kept)
     return kept
+
+
+def with_duplicates(benchmark: str, rng: random.Random, records: list[dict]) -> list[dict]:
+    """Adds later records for the same query / video (a new answer), and for Charades failed
+    answers whose ``index`` names another record's ``idx`` (JSON key collisions)."""
+    records = list(records)
+    for _ in range(rng.randint(1, 3)):
+        original = rng.choice(records)
+        copy = dict(original)
+        if benchmark == "charades":
+            copy["a"] = messy_answers.grounding_answer(rng)
+            if rng.random() < 0.5:
+                copy.update(a="no idea", idx=10 ** 7 + rng.randrange(10 ** 6),
+                            index=original["idx"])
+        else:
+            copy["a"] = messy_answers.dense_answer(rng)
+        if converter_stop_reason(benchmark, copy) is None:
+            records.insert(rng.randrange(len(records) + 1), copy)
+    return records
 
 
 def compare(ours: dict, theirs: dict, names) -> dict[str, float]:
