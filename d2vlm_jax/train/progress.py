@@ -151,9 +151,10 @@ class PassProgress:
             if done >= total:
                 self.close()
             return
+        eta = (f"ETA {format_seconds(per_batch * (total - done))}" if done > 1 or done == total
+               else "ETA ? (the first batch includes compilation)")
         print(f"{self.label} batch {done}/{total} ({100 * done / max(total, 1):.0f}%) {per_batch:.2f} s/batch "
-              f"| elapsed {format_seconds(elapsed)} ETA {format_seconds(per_batch * (total - done))}",
-              file=self.stream, flush=True)
+              f"| elapsed {format_seconds(elapsed)} {eta}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
