@@ -15,6 +15,9 @@ is NOT needed: a shim module replaces it by a deterministic stand-in similarity 
 to the work directory), and our side is given the same function, so SentSim and the
 multiple-choice fallback are compared without the MiniLM model.
 
+``new_compute_metircs_looser.py`` as shipped cannot start (``--pred_path`` is declared twice:
+argparse raises); the wrapper makes argparse resolve the conflict.
+
 The scripts call ``PTBTokenizer(verbose=False)`` (the E.T. Bench kit's pycocoevalcap); the
 wrapper lets PyPI's pycocoevalcap 1.2 (no arguments, same tokenization) accept it.
 
@@ -112,7 +115,15 @@ def dot_score(a, b):
 # The E.T. Bench kit's pycocoevalcap takes PTBTokenizer(verbose=...); PyPI's 1.2 takes no
 # argument and tokenizes identically: accept (and ignore) the keyword. Then seed `random`
 # and run the unchanged script as __main__.
-RUN_SCRIPT = ("import random, runpy, sys\n"
+# new_compute_metircs_looser.py declares --pred_path twice and stops in parse_args as
+# shipped: argparse is told to resolve the conflict (the later declaration wins; we pass
+# --pred_path anyway). The script files themselves are run unchanged.
+RUN_SCRIPT = ("import argparse, random, runpy, sys\n"
+              "_init = argparse.ArgumentParser.__init__\n"
+              "def _resolving_init(self, *args, **kwargs):\n"
+              "    kwargs.setdefault('conflict_handler', 'resolve')\n"
+              "    _init(self, *args, **kwargs)\n"
+              "argparse.ArgumentParser.__init__ = _resolving_init\n"
               "import pycocoevalcap.tokenizer.ptbtokenizer as ptb\n"
               "class PTBTokenizer(ptb.PTBTokenizer):\n"
               "    def __init__(self, verbose=True):\n"
