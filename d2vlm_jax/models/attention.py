@@ -10,23 +10,36 @@ For query slot ``i`` and key slot ``j`` attention is allowed iff ``valid[j]`` an
 * ``j <= i`` and (``branch[j] == 0`` or ``branch[j] == branch[i]``)   (causal, branch-aware), or
 * ``block[j] != 0`` and ``block[j] == block[i]``                       (bidirectional block).
 
+A query slot that is not ``valid`` (padding) attends to its own slot only, so no query row
+is ever fully masked (a fully masked row is a NaN in flash kernels) and padding never mixes
+with real tokens; real tokens never see padding.
+
 ``branch`` 0 is the shared prefix; packed preference pairs put the chosen response in
 branch 1 and rejected responses in branches 2, 3, ... so a rejected token sees the prefix
 and its own branch only (SPEC §4.2). ``block`` marks the frame tokens, which attend to each
 other in both directions (SPEC §1.4). Position ids are separate explicit inputs.
 
-The kernel behind :func:`dot_product_attention` can change (cuDNN, splash attention)
-without touching the model: it receives q, k, v and the boolean mask.
+:func:`dot_product_attention` takes q, k, v and either the description
+(:class:`AttentionMask`) or a plain boolean mask, and runs one of the implementations in
+:data:`IMPLEMENTATIONS`; the model never changes when the kernel does (``docs/ARCHITECTURE.md``,
+"Attention kernels").
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite: a fully masked (padding) query row stays finite
+from d2vlm_jax import sharding
+
+NEG_INF = -1e30  # finite: masked scores never produce NaN in the XLA path
+
+IMPLEMENTATIONS = ("xla", "splash", "cudnn", "auto")
+# Shortest query run a kernel is used for; shorter runs (decoding steps: T = 1) use XLA.
+MIN_KERNEL_QUERIES = 2
 
 
 class SequenceLayout(NamedTuple):
@@ -44,6 +57,18 @@ class SequenceLayout(NamedTuple):
     def causal(valid: jax.Array) -> "SequenceLayout":
         zeros = jnp.zeros(valid.shape, jnp.int32)
         return SequenceLayout(valid.astype(bool), zeros, zeros)
+
+
+class AttentionMask(NamedTuple):
+    """The mask of the queries at slots ``[query_start, query_start + T)`` over all ``S``
+    slots of ``layout``, as a description (nothing ``[B, T, S]`` is materialized until an
+    implementation asks for it). ``query_start``: int scalar (may be traced)."""
+    layout: SequenceLayout
+    query_start: Any = 0
+
+    def dense(self, num_queries: int) -> jax.Array:
+        """bool[B, T, S]."""
+        return build_mask(self.layout, self.query_start, num_queries)
 
 
 def positions_from_valid(valid: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -66,32 +91,51 @@ def build_mask(layout: SequenceLayout, query_start: jax.Array | int, num_queries
     k_slots = jnp.arange(num_slots, dtype=jnp.int32)
     q_branch = jax.lax.dynamic_slice_in_dim(layout.branch, query_start, num_queries, axis=1)
     q_block = jax.lax.dynamic_slice_in_dim(layout.block, query_start, num_queries, axis=1)
+    q_valid = jax.lax.dynamic_slice_in_dim(layout.valid.astype(bool), query_start, num_queries, axis=1)
     k_branch = layout.branch[:, None, :]
     k_block = layout.block[:, None, :]
     causal = (k_slots[None, :] <= q_slots[:, None])[None]
     same_branch = (k_branch == 0) | (k_branch == q_branch[:, :, None])
     bidirectional = (k_block != 0) & (k_block == q_block[:, :, None])
-    return ((causal & same_branch) | bidirectional) & layout.valid[:, None, :].astype(bool)
+    allowed = ((causal & same_branch) | bidirectional) & layout.valid[:, None, :].astype(bool)
+    itself = (k_slots[None, :] == q_slots[:, None])[None]
+    return jnp.where(q_valid[:, :, None], allowed, itself)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str = "xla") -> jax.Array:
-    """Grouped-query attention.
+def platform() -> str:
+    """The platform the program being traced runs on: the devices of the mesh in context
+    (compile-only TPU devices in ``compile_check`` included), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+        return str(device.platform)
+    return jax.default_backend()
 
-    Args:
-      q: float[B, T, Hq, D]; k, v: float[B, S, Hkv, D] with ``Hq % Hkv == 0``.
-      mask: bool[B, T, S].
-      implementation: ``"xla"`` (einsum, any backend) or ``"cudnn"`` (GPU fused kernel
-        through ``jax.nn.dot_product_attention``).
-    Returns:
-      float[B, T, Hq, D] in q's dtype.
-    """
+
+def resolve_implementation(implementation: str, q: jax.Array, k: jax.Array) -> str:
+    """The implementation that runs: ``"auto"`` is ``splash`` on TPU, ``cudnn`` on GPU for
+    bf16/fp16 with a head dim that is a multiple of 8 (<= 128), else ``xla``; a query run
+    shorter than :data:`MIN_KERNEL_QUERIES` (a decoding step) always runs ``xla``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if q.shape[1] < MIN_KERNEL_QUERIES:
+        return "xla"
+    if implementation != "auto":
+        return implementation
+    plat = platform()
+    if plat == "tpu":
+        return "splash"
+    if plat in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 \
+            and q.shape[-1] <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA einsum attention with f32 scores. q float[B, T, Hq, D]; k, v float[B, S, Hkv, D];
+    mask bool[B or 1, T, S] -> float[B, T, Hq, D]."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    if implementation != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r} (use 'xla' or 'cudnn')")
     groups = hq // hkv
     qg = q.reshape(b, t, hkv, groups, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -100,3 +144,50 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq, d)
+
+
+def dense_mask(mask: AttentionMask | jax.Array | None, num_queries: int, num_keys: int) -> jax.Array:
+    """bool[B or 1, T, S] from a description, a boolean mask, or ``None`` (everything)."""
+    if mask is None:
+        return jnp.ones((1, num_queries, num_keys), bool)
+    if isinstance(mask, AttentionMask):
+        return mask.dense(num_queries)
+    mask = jnp.asarray(mask, bool)
+    return jnp.broadcast_to(mask, mask.shape[:1] + (num_queries, num_keys))
+
+
+_logged: set = set()
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | jax.Array | None,
+                          implementation: str = "xla", *,
+                          rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+                          batch_axis: str = "batch") -> jax.Array:
+    """Grouped-query attention.
+
+    Args:
+      q: float[B, T, Hq, D]; k, v: float[B, S, Hkv, D] with ``Hq % Hkv == 0``.
+      mask: an :class:`AttentionMask` (description), a bool mask broadcastable to
+        ``[B, T, S]`` (leading dim B or 1), or ``None`` (every query sees every key).
+      implementation: ``"xla"`` (einsum, any backend), ``"splash"`` (Pallas TPU splash
+        attention; interpret mode off TPU), ``"cudnn"`` (cuDNN flash attention through
+        ``jax.nn.dot_product_attention``; bf16/fp16 only) or ``"auto"`` (see
+        :func:`resolve_implementation`).
+      rules: logical-axis rules; the kernels are ``shard_map``-ped over the mesh axes of
+        ``batch_axis`` (leading dim) and ``act_heads``.
+      batch_axis: logical name of the leading dim (``"batch"``, or ``"frames"`` in the
+        video encoder).
+    Returns:
+      float[B, T, Hq, D] in q's dtype.
+    """
+    impl = resolve_implementation(implementation, q, k)
+    key = (implementation, impl, q.shape[1:], k.shape[1])
+    if key not in _logged:
+        _logged.add(key)
+        logging.info("attention: %s -> %s for q %s, %d keys", implementation, impl, q.shape, k.shape[1])
+    if impl == "xla":
+        return xla_attention(q, k, v, dense_mask(mask, q.shape[1], k.shape[1]))
+    from d2vlm_jax.models.kernels import cudnn, splash  # the kernels build masks with this module
+    if impl == "splash":
+        return splash.splash_attention(q, k, v, mask, rules=rules, batch_axis=batch_axis)
+    return cudnn.cudnn_attention(q, k, v, dense_mask(mask, q.shape[1], k.shape[1]))

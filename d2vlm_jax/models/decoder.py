@@ -52,12 +52,15 @@ class DecoderConfig:
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"   # attention.IMPLEMENTATIONS: xla | splash | cudnn | auto
     sharding_rules: tuple = sharding.DEFAULT_RULES
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"decoder.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.attention_impl not in attn_lib.IMPLEMENTATIONS:
+            raise ValueError(f"decoder.attention_impl must be one of {attn_lib.IMPLEMENTATIONS}, "
+                             f"got {self.attention_impl!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"decoder.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
@@ -163,7 +166,7 @@ class Attention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), query_start, axis=1)
             new_cache = (cache_k, cache_v)
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-        out = attn_lib.dot_product_attention(q, k, v, mask, implementation=c.attention_impl)
+        out = attn_lib.dot_product_attention(q, k, v, mask, implementation=c.attention_impl, rules=c.sharding_rules)
         out = out.reshape(b, t, hq * hd)
         out = LoRADense(c.hidden_size, ("heads", "embed"), name="o_proj", **lora)(out, deterministic)
         return out, new_cache
@@ -258,7 +261,7 @@ class Decoder(nn.Module):
         t = x.shape[1]
         if cache is None and layout.valid.shape[1] != t:
             raise ValueError(f"layout has {layout.valid.shape[1]} slots but {t} tokens and no cache")
-        mask = attn_lib.build_mask(layout, query_start, t)
+        mask = attn_lib.AttentionMask(layout, query_start)
         wanted = set(int(i) for i in output_hidden_layers)
         for i in wanted:
             if not 0 <= i <= c.num_layers:
