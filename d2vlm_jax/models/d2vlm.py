@@ -38,8 +38,14 @@ class D2VLMConfig:
     k_evi: int = 6                 # layer whose frame states are injected (0 = embeddings)
     alpha: float = 2.0             # soft-target base: y = alpha ** -dist
     injection: str = "single_pass"
+    # Response tokens per chunk of the LM head + log-softmax (0 = all tokens at once). With
+    # a chunk size the float32[B, C1, R, V] logits are never materialized: a rematerialized
+    # scan over token chunks keeps one chunk's logits alive (forward and backward).
+    lm_logits_chunk: int = 0
 
     def __post_init__(self):
+        if self.lm_logits_chunk < 0:
+            raise ValueError(f"model.lm_logits_chunk={self.lm_logits_chunk} must be >= 0 (0 = no chunking)")
         if self.injection not in INJECTION_MODES:
             raise ValueError(f"model.injection must be one of {INJECTION_MODES}, got {self.injection!r}")
         if not 0 <= self.k_evi <= self.llm.num_layers:
@@ -297,9 +303,15 @@ def forward(model: D2VLM, variables, batch: Mapping[str, jax.Array], *, with_rej
 
     pred_final = predictors(prefix_final, resp_final)
     pred_h = predictors(prefix_h, resp_h)
-    logits = apply(pred_final, method=D2VLM.lm_logits)                  # [B, C1, R, V] float32
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_logp = jnp.take_along_axis(logp, br.ids[..., None], axis=-1)[..., 0]
+    logits = None
+    if return_logits or not c.lm_logits_chunk:
+        logits = apply(pred_final, method=D2VLM.lm_logits)              # [B, C1, R, V] float32
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        token_logp = jnp.take_along_axis(logp, br.ids[..., None], axis=-1)[..., 0]
+    else:
+        head = lambda x: model.apply(variables, x, method=D2VLM.lm_logits)  # noqa: E731
+        token_logp = chunked_token_logp(head, pred_final.reshape(b, c1 * r, -1), br.ids.reshape(b, c1 * r),
+                                        c.lm_logits_chunk).reshape(b, c1, r)
 
     query_h = jnp.take_along_axis(pred_h, jnp.clip(br.evi_positions, 0, r - 1)[..., None], axis=2)  # [B,C1,M,D]
     frame_h = gather_slots(prefix_h, batch["frame_positions"])            # [B, N, D]
@@ -307,6 +319,32 @@ def forward(model: D2VLM, variables, batch: Mapping[str, jax.Array], *, with_rej
     evidence_emb = apply(query_h, method=D2VLM.evidence_embeddings).astype(jnp.float32)
     return ForwardOutputs(token_logp, logits if return_logits else None, scores, evidence_emb,
                           frame_tokens, frame_states)
+
+
+def chunked_token_logp(logits_fn, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """``log_softmax(logits_fn(hidden))[target]`` computed ``chunk`` tokens at a time.
+
+    hidden: float[B, T, D]; targets: int32[B, T]; ``logits_fn``: float[B, c, D] ->
+    float32[B, c, V]. Returns float32[B, T]. A ``lax.scan`` over token chunks (T padded to a
+    multiple of ``chunk``) whose body is under ``jax.checkpoint``: forward and backward each
+    hold one chunk's ``[B, chunk, V]`` logits; the backward recomputes them (one extra LM-head
+    matmul). The batch axis stays first in every chunk, so its sharding is unchanged.
+    """
+    b, t, d = hidden.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, [(0, 0), (0, pad), (0, 0)])
+    targets = jnp.pad(targets, [(0, 0), (0, pad)])
+    xs = (hidden.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def one_chunk(x, target):
+        logits = logits_fn(x).astype(jnp.float32)                          # [B, chunk, V]
+        target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    _, out = jax.lax.scan(lambda carry, xt: (carry, one_chunk(*xt)), None, xs)   # [n, B, chunk]
+    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def init_variables(config: D2VLMConfig, rng: jax.Array, batch: Mapping[str, jax.Array]):
