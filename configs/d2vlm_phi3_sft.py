@@ -17,10 +17,12 @@ from configs import common
 def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         k_evi=6, alpha=2.0, injection="single_pass",
+        lm_logits_chunk=256,   # LM log-probabilities 256 response tokens at a time (no [B, C1, R, V] logits)
         llm=dict(family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_layers=32,
                  num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5, lora_rank=128,
                  lora_alpha=256.0, lora_dropout=0.05, dtype="bfloat16", param_dtype="float32",
-                 remat_policy="full", attention_impl="xla"),
+                 remat_policy="full",
+                 attention_impl="auto"),  # splash on TPU, cuDNN on GPU, XLA on CPU (docs/ARCHITECTURE.md)
         video=dict(
             vision=dict(image_size=224, patch_size=14, width=1408, depth=40, num_heads=16, mlp_dim=6144,
                         output_layer=39, dtype="bfloat16"),

@@ -19,10 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     hidden = 128
     c.model = ml_collections.ConfigDict(dict(
-        k_evi=2, alpha=2.0, injection="single_pass",
+        k_evi=2, alpha=2.0, injection="single_pass", lm_logits_chunk=0,
         llm=dict(family="llama", vocab_size=0, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=4,
                  num_heads=4, num_kv_heads=4, rope_theta=10000.0, lora_rank=0, dtype="float32",
-                 remat_policy="none"),
+                 remat_policy="none", attention_impl="xla"),
         video=dict(
             vision=dict(image_size=56, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=128, output_layer=2),
             qformer=dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=0,
