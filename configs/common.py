@@ -19,8 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # None = sharding.DEFAULT_RULES
     c.trainable = [list(p) for p in D2VLM_TRAINABLE]
+    # fpo_grounding_targets "seconds" / normalization "sample": the authors' semantics,
+    # "frames" / "token" the project's originals (docs/ARCHITECTURE.md "Training semantics")
     c.loss = ml_collections.ConfigDict(dict(alpha=2.0, gnd_weight=10.0, cons_weight=10.0, fpo_beta=0.1,
-                                            fpo_weight=1.0, fpo_reference="none"))
+                                            fpo_weight=1.0, fpo_reference="none", normalization="token",
+                                            fpo_grounding_targets="seconds"))
     c.data = pipeline.default_data_config()
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True))
     c.log_every = 10

@@ -63,6 +63,12 @@ FPO only (rejected branches, C per pair; same meaning as the chosen fields)
   rejected_event_intervals int32[B, C, K, 2]
   rejected_event_valid    bool[B, C, K]
   rejected_valid_pair     bool[B, C]          False for padding branches
+  event_frame_positions   float32[B, K, 2]    the chosen events' [start, end] as fractional
+                                              frame positions (seconds mapped through
+                                              frame_times, not rounded): the targets of the
+                                              FPO grounding log-likelihood with
+                                              loss.fpo_grounding_targets="seconds"
+  rejected_event_frame_positions float32[B, C, K, 2]  the same for the rejected events
   conflict_token_mask     bool[B, C, R]       chosen response tokens inside the conflict
                                               with rejected branch c
   conflict_evi_mask       bool[B, C, M]       chosen evidence queries inside that conflict
@@ -91,6 +97,7 @@ FPO_KEYS = SFT_KEYS + (
     "rejected_event_intervals", "rejected_event_valid", "rejected_valid_pair",
     "conflict_token_mask", "conflict_evi_mask",
     "rejected_conflict_token_mask", "rejected_conflict_evi_mask",
+    "event_frame_positions", "rejected_event_frame_positions",
 )
 
 HOST_KEYS = ("example_id", "frame_times")

@@ -1,17 +1,26 @@
 """SFT losses and the FPO loss (SPEC §3.3, §4.1), as pure functions of forward outputs.
 
-Averaging follows the authors' code:
-* ``L_lm``: mean token cross-entropy over the supervised response tokens of the batch.
-* ``L_gnd = w_gnd * BCEWithLogits(s, y)``: mean over the (evidence query, valid frame) pairs
-  of a sample, then averaged over the samples that have evidence.
-* ``L_cons = w_cons * mean|evi(h_ground(k)) - evi(h_answer(k))|``: mean over the pairs'
-  elements of a sample, averaged over the same samples as ``L_gnd``.
-* ``L_FPO = -log sigmoid(beta * margin)``, averaged over the valid (prefix, rejected) pairs;
-  ``beta`` is applied exactly once.
+Per sample (every average below is first taken within one sample):
+* ``L_lm``: token cross-entropy over the sample's supervised response tokens;
+* ``L_gnd = w_gnd * BCEWithLogits(s, y)``: mean over its (evidence query, valid frame) pairs;
+* ``L_cons = w_cons * mean|evi(h_ground(k)) - evi(h_answer(k))|``: mean over its pairs'
+  elements;
+* ``L_FPO = -log sigmoid(beta * margin)`` over its valid (prefix, rejected) pairs; ``beta``
+  is applied exactly once.
+
+How samples are combined is ``LossConfig.normalization``:
+* ``"sample"`` (the authors' runs: batch 1 per device and gradient accumulation,
+  which HF's Trainer averages with equal weights): every term is the plain mean over the
+  batch's samples of the sample's own average (``L_lm`` its token mean; ``L_gnd`` /
+  ``L_cons`` / ``L_FPO`` 0 for a sample without evidence / pairs, which still counts);
+* ``"token"`` (default; the project's original form): ``L_lm`` is the token mean over all supervised
+  tokens of the batch, ``L_gnd`` / ``L_cons`` average over the samples that have evidence,
+  ``L_FPO`` over all valid pairs.
 
 Every average divides by a denominator computed from the batch masks (:func:`normalizers`),
 so every loss and metric is a *sum over samples* divided by a batch constant: micro-batch
-shares computed with the whole batch's normalizers add up exactly to the whole-batch value.
+shares computed with the whole batch's normalizers add up exactly to the whole-batch value
+(in both modes: a sample's own averages never look at other samples).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import jax.numpy as jnp
 from d2vlm_jax.models.d2vlm import ForwardOutputs, branches_from_batch
 
 FPO_REFERENCES = ("none", "lora_disabled", "frozen_params")
+NORMALIZATIONS = ("sample", "token")
+FPO_GROUNDING_TARGETS = ("seconds", "frames")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +46,21 @@ class LossConfig:
     fpo_beta: float = 0.1
     fpo_weight: float = 1.0
     fpo_reference: str = "none"  # reference-free (authors), LoRA disabled, or frozen SFT params
+    # module docstring; "sample" = the authors' batch-1 + accumulation (not yet the default:
+    # see docs/ARCHITECTURE.md "Training semantics")
+    normalization: str = "token"
+    # FPO grounding log-likelihood targets: "seconds" = the preference pair's raw (float)
+    # interval mapped to fractional frame positions (the authors'), "frames" = rounded to frames
+    fpo_grounding_targets: str = "seconds"
 
     def __post_init__(self):
         if self.fpo_reference not in FPO_REFERENCES:
             raise ValueError(f"loss.fpo_reference must be one of {FPO_REFERENCES}, got {self.fpo_reference!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.fpo_grounding_targets not in FPO_GROUNDING_TARGETS:
+            raise ValueError(f"loss.fpo_grounding_targets must be one of {FPO_GROUNDING_TARGETS}, got "
+                             f"{self.fpo_grounding_targets!r}")
 
 
 def interval_distances(intervals: jax.Array, num_frames: int) -> jax.Array:
@@ -76,11 +98,22 @@ def normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     frame_any = batch["frame_valid"].astype(bool).any(-1)
     has_evidence = batch["evi_valid"].astype(bool).any(-1) & frame_any
     norm = {"tokens": jnp.sum(batch["response_loss_mask"].astype(jnp.float32)),
+            "samples": jnp.sum(batch["response_loss_mask"].astype(bool).any(-1).astype(jnp.float32)),
             "samples_with_evidence": jnp.sum(has_evidence.astype(jnp.float32)),
             "evidence": jnp.sum((batch["evi_valid"].astype(bool) & frame_any[:, None]).astype(jnp.float32))}
     if "rejected_valid_pair" in batch:
         norm["pairs"] = jnp.sum(batch["rejected_valid_pair"].astype(jnp.float32))
     return norm
+
+
+def metric_normalizer(cfg: LossConfig, key: str) -> str:
+    """The :func:`normalizers` entry that ``key`` (``loss/lm``, ``loss/gnd``, ``loss/cons``,
+    ``grounding/accuracy``) is a sum divided by: how batch means combine over batches."""
+    if key == "grounding/accuracy":
+        return "evidence"
+    if cfg.normalization == "sample":
+        return "samples"
+    return "tokens" if key == "loss/lm" else "samples_with_evidence"
 
 
 def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossConfig,
@@ -89,13 +122,18 @@ def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossCon
 
     ``norm``: the batch's :func:`normalizers` (default: computed from ``batch``).
     """
+    per_sample = cfg.normalization == "sample"
     norm = normalizers(batch) if norm is None else norm
     br = branches_from_batch(batch, with_rejected=False)
     frame_valid = batch["frame_valid"].astype(bool)
     n = frame_valid.shape[-1]
 
     mask = batch["response_loss_mask"].astype(jnp.float32)
-    lm = -_safe_div(jnp.sum(out.token_logp[:, 0] * mask), norm["tokens"])
+    if per_sample:
+        token_weights = mask / (jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0) * jnp.maximum(norm["samples"], 1.0))
+        lm = -jnp.sum(out.token_logp[:, 0] * token_weights)
+    else:
+        lm = -_safe_div(jnp.sum(out.token_logp[:, 0] * mask), norm["tokens"])
 
     evi_valid = br.evi_valid[:, 0].astype(bool)                                   # [B, M]
     intervals = br.evi_intervals[:, 0]                                            # [B, M, 2]
@@ -104,7 +142,7 @@ def sft_losses(out: ForwardOutputs, batch: Mapping[str, jax.Array], cfg: LossCon
     pair = (evi_valid[:, :, None] & frame_valid[:, None, :]).astype(jnp.float32)
     bce_per_sample = _safe_div(jnp.sum(bce_with_logits(scores, y) * pair, (1, 2)), jnp.sum(pair, (1, 2)))
     has_evidence = (jnp.sum(pair, (1, 2)) > 0).astype(jnp.float32)
-    num_with = norm["samples_with_evidence"]
+    num_with = norm["samples"] if per_sample else norm["samples_with_evidence"]
     gnd = cfg.gnd_weight * _safe_div(jnp.sum(bce_per_sample * has_evidence), num_with)
 
     # consistency: grounding-stage vs answer-stage evidence query of the same event
@@ -194,15 +232,32 @@ def grounding_loglik(scores: jax.Array, intervals: jax.Array, frame_valid: jax.A
     return jnp.sum(jnp.where(fv, ll, 0.0), -1)
 
 
-def factorized_logps(out: ForwardOutputs, batch: Mapping[str, jax.Array], alpha: float):
+def evidence_frame_positions(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """float32[B, C1, M, 2]: the unrounded fractional frame interval of every evidence token of
+    every branch (chosen first), from ``event_frame_positions`` / ``rejected_event_frame_positions``."""
+    br = branches_from_batch(batch, with_rejected=True)
+    events = jnp.concatenate([batch["event_frame_positions"][:, None],
+                              batch["rejected_event_frame_positions"]], axis=1)        # [B, C1, K, 2]
+    idx = jnp.clip(br.evi_event, 0, events.shape[2] - 1)
+    return jnp.take_along_axis(events, idx[..., None].repeat(2, -1), axis=2)
+
+
+def factorized_logps(out: ForwardOutputs, batch: Mapping[str, jax.Array], alpha: float,
+                     targets: str = "frames"):
     """``log π`` of chosen and rejected responses over each pair's conflict (SPEC §4.1).
 
+    ``targets``: ``"frames"`` = the grounding log-likelihood's soft targets from the rounded
+    frame intervals; ``"seconds"`` = from the events' unrounded fractional frame positions
+    (the authors': their float-second intervals against 1 fps frame indices).
     Returns dict of float32[B, C]: ``chosen_text``, ``chosen_grounding``, ``rejected_text``,
     ``rejected_grounding`` (C = rejected branches; the chosen terms are restricted to the
     conflict with each rejected branch).
     """
+    if targets not in FPO_GROUNDING_TARGETS:
+        raise ValueError(f"factorized_logps: targets must be one of {FPO_GROUNDING_TARGETS}, got {targets!r}")
     br = branches_from_batch(batch, with_rejected=True)
-    gll = grounding_loglik(out.scores, br.evi_intervals, batch["frame_valid"], alpha)    # [B, C1, M]
+    intervals = br.evi_intervals if targets == "frames" else evidence_frame_positions(batch)
+    gll = grounding_loglik(out.scores, intervals, batch["frame_valid"], alpha)           # [B, C1, M]
     gll = gll * br.evi_valid
     tok = out.token_logp * br.valid                                                      # [B, C1, R]
     ctm = batch["conflict_token_mask"].astype(jnp.float32)                               # [B, C, R]
@@ -217,12 +272,23 @@ def factorized_logps(out: ForwardOutputs, batch: Mapping[str, jax.Array], alpha:
     }
 
 
+def fpo_pair_weights(pair_valid: jax.Array, cfg: LossConfig, norm: Mapping[str, jax.Array]) -> jax.Array:
+    """float32[B, C] weight of each (prefix, rejected) pair in the FPO mean: ``1 / pairs``
+    of the batch (``"token"``), or ``1 / (pairs of its sample * samples)`` (``"sample"``)."""
+    valid = pair_valid.astype(jnp.float32)
+    if cfg.normalization == "sample":
+        return _safe_div(_safe_div(valid, jnp.sum(valid, -1, keepdims=True)), norm["samples"])
+    return _safe_div(valid, norm["pairs"])
+
+
 def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array] | None,
-             pair_valid: jax.Array, beta: float, num_pairs: jax.Array | None = None):
+             pair_valid: jax.Array, beta: float, num_pairs: jax.Array | None = None,
+             pair_weights: jax.Array | None = None):
     """DPO-style loss on factorized log-likelihoods. Returns (mean loss, metrics).
 
     ``reference=None`` is the authors' reference-free form. ``num_pairs``: the batch's
-    number of valid pairs (default: from ``pair_valid``).
+    number of valid pairs (default: from ``pair_valid``). ``pair_weights``: float32[B, C]
+    weights of the mean instead (:func:`fpo_pair_weights`); the metrics use them too.
     """
     pi_w = policy["chosen_text"] + policy["chosen_grounding"]
     pi_l = policy["rejected_text"] + policy["rejected_grounding"]
@@ -233,8 +299,10 @@ def fpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]
     margin = reward_w - reward_l
     losses = -jax.nn.log_sigmoid(margin)
     valid = pair_valid.astype(jnp.float32)
-    num_pairs = jnp.sum(valid) if num_pairs is None else num_pairs
-    mean = lambda x: _safe_div(jnp.sum(x * valid), num_pairs)  # noqa: E731
+    if pair_weights is None:
+        num_pairs = jnp.sum(valid) if num_pairs is None else num_pairs
+        pair_weights = _safe_div(valid, num_pairs)
+    mean = lambda x: jnp.sum(x * pair_weights * valid)  # noqa: E731
     metrics = {
         "loss/fpo": mean(losses),
         "rewards/chosen": mean(reward_w),

@@ -31,7 +31,7 @@ def loss_and_metrics(model: D2VLM, params: Mapping, batch: Mapping[str, jax.Arra
     norm = losses.normalizers(batch) if normalizers is None else normalizers
     loss, metrics = losses.sft_losses(out, batch, loss_cfg, norm)
     if fpo:
-        policy = losses.factorized_logps(out, batch, loss_cfg.alpha)
+        policy = losses.factorized_logps(out, batch, loss_cfg.alpha, loss_cfg.fpo_grounding_targets)
         reference = None
         if loss_cfg.fpo_reference != "none":
             if loss_cfg.fpo_reference == "lora_disabled":
@@ -41,9 +41,10 @@ def loss_and_metrics(model: D2VLM, params: Mapping, batch: Mapping[str, jax.Arra
                     raise ValueError("loss.fpo_reference='frozen_params' needs reference_params")
                 ref_params = reference_params
             ref_out = forward(model, {"params": jax.lax.stop_gradient(ref_params)}, batch, with_rejected=True)
-            reference = losses.factorized_logps(ref_out, batch, loss_cfg.alpha)
-        fpo_loss, fpo_metrics = losses.fpo_loss(policy, reference, batch["rejected_valid_pair"], loss_cfg.fpo_beta,
-                                                norm["pairs"])
+            reference = losses.factorized_logps(ref_out, batch, loss_cfg.alpha, loss_cfg.fpo_grounding_targets)
+        fpo_loss, fpo_metrics = losses.fpo_loss(
+            policy, reference, batch["rejected_valid_pair"], loss_cfg.fpo_beta,
+            pair_weights=losses.fpo_pair_weights(batch["rejected_valid_pair"], loss_cfg, norm))
         loss = loss + loss_cfg.fpo_weight * fpo_loss
         metrics.update(fpo_metrics)
     metrics["loss/total"] = loss

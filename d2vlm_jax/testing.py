@@ -129,4 +129,9 @@ def random_batch(config: D2VLMConfig, seed: int = 0, *, batch: int = 2, frames: 
         out["rejected_conflict_token_mask"] = (r_idx >= start[..., None]) & rej["valid"]
         out["conflict_evi_mask"] = (chosen["evi_positions"][:, None] >= start[..., None]) & chosen["evi_valid"][:, None]
         out["rejected_conflict_evi_mask"] = (rej["evi_positions"] >= start[..., None]) & rej["evi_valid"]
+        # unrounded event positions: the frame intervals moved by fixed sub-frame offsets
+        # (no draw from ``rng``: the other fields stay what they were)
+        offset = np.array([-0.375, 0.25], np.float32)
+        out["event_frame_positions"] = chosen["event_intervals"].astype(np.float32) + offset
+        out["rejected_event_frame_positions"] = rej["event_intervals"].astype(np.float32) - offset
     return out

@@ -40,6 +40,8 @@ def random_example(rng, *, n, lq, p, r, m, k, q, c=None, r_rej=None, m_rej=None,
             "conflict_token_mask": rng.random((c, r)) < 0.5, "conflict_evi_mask": rng.random((c, m)) < 0.5,
             "rejected_conflict_token_mask": rng.random((c, r_rej)) < 0.5,
             "rejected_conflict_evi_mask": rng.random((c, m_rej)) < 0.5,
+            "event_frame_positions": rng.uniform(0.5, 9, (k, 2)).astype(np.float32),
+            "rejected_event_frame_positions": rng.uniform(0.5, 9, (c, k_rej, 2)).astype(np.float32),
         })
     return ex
 

@@ -340,3 +340,22 @@ def test_phi3_structured_tokenizer_matches_one_string_tokenization(tmp_path, pre
     assert ex["response_ids"][0] == tok.evi_id and ex["response_ids"][-1] == tok.end_id
     np.testing.assert_array_equal(ex["frame_positions"], np.arange(1 + len(tok.encode(before)), 7 + len(
         tok.encode(before))))
+
+
+def test_preference_example_keeps_unrounded_event_positions(toks):
+    # 1 fps: positions are the seconds themselves; the frame intervals are their rounding
+    ex = pref(toks, [{"answer": CHOSEN["answer"], "events": [[3.3, 4.6], [5.4, 2.2]], "family": "temporal_shift",
+                      "event_index": 1}])
+    np.testing.assert_array_equal(ex["rejected_event_intervals"][0], [[3, 5], [2, 5]])
+    np.testing.assert_allclose(ex["rejected_event_frame_positions"][0], [[3.3, 4.6], [2.2, 5.4]], rtol=1e-6)
+    np.testing.assert_allclose(ex["event_frame_positions"], [[3, 4], [1, 2]])
+    assert ex["event_frame_positions"].dtype == np.float32
+
+
+def test_seconds_to_frame_positions():
+    from d2vlm_jax.data.template import seconds_to_frame_positions
+    times = np.array([0.5, 1.0, 1.5, 2.0])            # 2 fps from 0.5 s
+    assert seconds_to_frame_positions(0.75, 1.25, times) == (0.5, 1.5)
+    assert seconds_to_frame_positions(0.0, 3.0, times) == (-1.0, 5.0)    # extrapolated past the clip
+    assert seconds_to_frame_positions(1.25, 0.75, times) == (0.5, 1.5)   # reversed: swapped
+    assert seconds_to_frame_positions(4.0, 7.0, np.array([3.0])) == (0.0, 0.0)

@@ -28,14 +28,14 @@ def setup():
     return config, batch, trainable, frozen
 
 
-def run_step(micro, stage="fpo", mesh=None, config=None):
+def run_step(micro, stage="fpo", mesh=None, config=None, loss=losses.LossConfig()):
     """One step with plain SGD: the update is linear in the gradient, so comparing params
     compares gradients (Adam's first step, ~sign(g), would amplify float noise of ~0 grads).
     ``config``: a variant of the tiny config with the same parameter tree (layout choices)."""
     base, batch, trainable, frozen = setup()
     config = config or base
     tx, schedules = optax.sgd(0.5), None
-    step = make_train_step(D2VLM(config), losses.LossConfig(), tx, stage=stage, micro_batches=micro, schedules=schedules)
+    step = make_train_step(D2VLM(config), loss, tx, stage=stage, micro_batches=micro, schedules=schedules)
     state = init_state(trainable, tx, jax.random.key(1))
     if mesh is None:
         return jax.jit(step)(state, frozen, batch)
@@ -57,6 +57,20 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch_sample_normalization():
+    """The same equality for the authors' per-sample form (``loss.normalization="sample"``),
+    which really differs from the token-mean form on this batch."""
+    sample = losses.LossConfig(normalization="sample")
+    s1, m1 = run_step(1, loss=sample)
+    s4, m4 = run_step(4, loss=sample)
+    for k in m1:
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _, m_token = run_step(1)
+    assert abs(float(m_token["loss/lm"]) - float(m1["loss/lm"])) > 1e-4
 
 
 def test_step_on_2x2x2_mesh_equals_single_device():

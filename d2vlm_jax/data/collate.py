@@ -51,6 +51,8 @@ FIELD_DIMS: dict[str, tuple[str | None, ...]] = {
     "rejected_evi_stage": ("C", "M"),
     "rejected_evi_valid": ("C", "M"),
     "rejected_event_intervals": ("C", "K", None),
+    "event_frame_positions": ("K", None),
+    "rejected_event_frame_positions": ("C", "K", None),
     "rejected_event_valid": ("C", "K"),
     "rejected_valid_pair": ("C",),
     "conflict_token_mask": ("C", "R"),
@@ -66,7 +68,9 @@ FIELD_DTYPES: dict[str, np.dtype] = {
     else np.dtype(np.int32)
     for key in FIELD_DIMS
 }
-FIELD_DTYPES.update(frames=np.dtype(np.uint8), frame_times=np.dtype(np.float32), example_id=np.dtype(np.int64))
+FIELD_DTYPES.update(frames=np.dtype(np.uint8), frame_times=np.dtype(np.float32), example_id=np.dtype(np.int64),
+                    event_frame_positions=np.dtype(np.float32),
+                    rejected_event_frame_positions=np.dtype(np.float32))
 
 assert set(FIELD_DIMS) == set(FPO_KEYS) | set(HOST_KEYS), "FIELD_DIMS out of sync with d2vlm_jax.batch"
 

@@ -144,6 +144,7 @@ class _Branch:
     evi_event: np.ndarray        # int32[M]
     evi_stage: np.ndarray        # int32[M]
     event_intervals: np.ndarray  # int32[K, 2]
+    event_positions: np.ndarray  # float32[K, 2]: the same events as fractional frame positions
 
     def evi_interval_at(self) -> dict[int, tuple[int, int]]:
         """response index of each <evi> -> its frame interval."""
@@ -151,8 +152,35 @@ class _Branch:
                 for p, e in zip(self.evi_positions, self.evi_event, strict=True)}
 
 
-def _intervals(events: Sequence[Sequence[float]], frame_times: np.ndarray, name: str, field: str) -> np.ndarray:
+def seconds_to_frame_positions(start: float, end: float, frame_times: np.ndarray) -> tuple[float, float]:
+    """``[start, end]`` seconds as *fractional* frame positions, not rounded (the raw targets of
+    the authors' FPO grounding log-likelihood, whose 1 fps frame ``i`` sits at second ``i``).
+
+    Linear interpolation of the frame index over ``frame_times``, extrapolated beyond the
+    first / last frame with the mean frame spacing (an interval reaching past the clip keeps
+    its distance to the frames); a reversed interval is swapped (as for frame intervals).
+    """
+    times = np.asarray(frame_times, np.float64)
+    if times.size == 1:
+        return 0.0, 0.0
+    spacing = (times[-1] - times[0]) / (times.size - 1)
+
+    def position(t: float) -> float:
+        if t < times[0]:
+            return float((t - times[0]) / spacing)
+        if t > times[-1]:
+            return float(times.size - 1 + (t - times[-1]) / spacing)
+        return float(np.interp(t, times, np.arange(times.size, dtype=np.float64)))
+
+    first, last = position(start), position(end)
+    return (first, last) if first <= last else (last, first)
+
+
+def _intervals(events: Sequence[Sequence[float]], frame_times: np.ndarray, name: str,
+               field: str) -> tuple[np.ndarray, np.ndarray]:
+    """int32[K, 2] frame intervals and float32[K, 2] fractional frame positions of ``events``."""
     out = np.zeros((len(events), 2), np.int32)
+    positions = np.zeros((len(events), 2), np.float32)
     for k, event in enumerate(events):
         try:
             start, end = (float(x) for x in event)
@@ -161,7 +189,8 @@ def _intervals(events: Sequence[Sequence[float]], frame_times: np.ndarray, name:
         if not (np.isfinite(start) and np.isfinite(end)):
             raise ExampleError(name, f"{field}[{k}]", f"non-finite interval {event!r}")
         out[k] = seconds_to_frame_interval(start, end, frame_times)  # round, clip, swap (SPEC §2.2)
-    return out
+        positions[k] = seconds_to_frame_positions(start, end, frame_times)
+    return out, positions
 
 
 def _check_text(text: str, name: str, field: str) -> None:
@@ -213,7 +242,7 @@ class _Builder:
         prefix = np.asarray(self.before_ids + [self.config.image_token_id] * n + self.after_ids, np.int32)
         frame_positions = np.arange(len(self.before_ids), len(self.before_ids) + n, dtype=np.int32)
         question_events = list(_field(self.sample, "question_events", ()) or ())
-        q_intervals = _intervals(question_events, self.frame_times, self.name, "question_events")
+        q_intervals, _ = _intervals(question_events, self.frame_times, self.name, "question_events")
         is_evi = prefix == self.tok.evi_id
         is_evi[frame_positions] = False  # a placeholder id equal to <evi> is not an evidence token
         q_positions = np.flatnonzero(is_evi).astype(np.int32)
@@ -251,7 +280,7 @@ class _Builder:
         if answer.count(EVIDENCE_TOKEN) != len(events):
             raise ExampleError(self.name, where + "events", f"answer has {answer.count(EVIDENCE_TOKEN)} <evi> but "
                                                             f"{len(events)} event(s) are given")
-        intervals = _intervals(events, self.frame_times, self.name, where + "events")
+        intervals, positions = _intervals(events, self.frame_times, self.name, where + "events")
         text = self.after_text + response_text(answer, len(events), self.config) + END_TOKEN
         joint = self.tok.encode(text)
         cut = len(self.after_ids)
@@ -274,7 +303,7 @@ class _Builder:
             raise ExampleError(self.name, field, "grounding-stage <evi> tokens are not all before </evi>")
         return _Branch(ids=ids, evi_positions=evi_positions,
                        evi_event=np.concatenate([np.arange(k), np.arange(k)]).astype(np.int32),
-                       evi_stage=stage, event_intervals=intervals)
+                       evi_stage=stage, event_intervals=intervals, event_positions=positions)
 
     def check_length(self, branch: _Branch, field: str) -> None:
         total = self.prefix_length + branch.ids.size
@@ -399,7 +428,9 @@ def build_preference_example(sample: Any, rejected_list: Sequence[Any] | None = 
     (``family``/``event_index`` are bookkeeping). Rejected arrays are padded within the example
     to the longest branch (``R_rej``, ``M_rej``, ``K_rej``; validity masks mark real entries):
     ``rejected_ids int32[C, R_rej]``, ``rejected_evi_* int32[C, M_rej]``,
-    ``rejected_event_intervals int32[C, K_rej, 2]``, ``rejected_valid_pair bool[C]``,
+    ``rejected_event_intervals int32[C, K_rej, 2]`` (and ``event_frame_positions
+    float32[K, 2]`` / ``rejected_event_frame_positions float32[C, K_rej, 2]``: the events'
+    unrounded fractional frame positions), ``rejected_valid_pair bool[C]``,
     ``conflict_token_mask bool[C, R]``, ``conflict_evi_mask bool[C, M]`` (chosen side, per
     branch), ``rejected_conflict_token_mask bool[C, R_rej]``,
     ``rejected_conflict_evi_mask bool[C, M_rej]``. The collate step pads ``R``/``R_rej`` (and
@@ -440,6 +471,7 @@ def build_preference_example(sample: Any, rejected_list: Sequence[Any] | None = 
         "rejected_evi_stage": np.zeros((num_branches, m_rej), np.int32),
         "rejected_evi_valid": np.zeros((num_branches, m_rej), bool),
         "rejected_event_intervals": np.zeros((num_branches, k_rej, 2), np.int32),
+        "rejected_event_frame_positions": np.zeros((num_branches, k_rej, 2), np.float32),
         "rejected_event_valid": np.zeros((num_branches, k_rej), bool),
         "rejected_valid_pair": np.ones(num_branches, bool),
         "conflict_token_mask": np.zeros((num_branches, chosen.ids.size), bool),
@@ -456,6 +488,7 @@ def build_preference_example(sample: Any, rejected_list: Sequence[Any] | None = 
         out["rejected_evi_stage"][c, :m] = branch.evi_stage
         out["rejected_evi_valid"][c, :m] = True
         out["rejected_event_intervals"][c, :k] = branch.event_intervals
+        out["rejected_event_frame_positions"][c, :k] = branch.event_positions
         out["rejected_event_valid"][c, :k] = True
         out["conflict_token_mask"][c] = ct
         out["conflict_evi_mask"][c] = ce
@@ -464,6 +497,7 @@ def build_preference_example(sample: Any, rejected_list: Sequence[Any] | None = 
 
     example = builder.prefix_fields()
     example.update(_response_fields(chosen))
+    example["event_frame_positions"] = chosen.event_positions.reshape(-1, 2)
     example.update(out)
     example["example_id"] = np.asarray(example_index, np.int64)
     return example

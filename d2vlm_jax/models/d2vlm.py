@@ -29,6 +29,7 @@ from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name
 from d2vlm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
 
 INJECTION_MODES = ("single_pass", "two_pass")
+QUESTION_EVIDENCE_MODES = ("always", "after_frames")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,19 @@ class D2VLMConfig:
     # a chunk size the float32[B, C1, R, V] logits are never materialized: a rematerialized
     # scan over token chunks keeps one chunk's logits alive (forward and backward).
     lm_logits_chunk: int = 0
+    # question-side <evi>: "always" injected (the project's default), or "after_frames" only
+    # when it follows the video in the prompt (the authors' code adds nothing to a question
+    # written before <image>; see docs/ARCHITECTURE.md "Training semantics")
+    question_evidence: str = "always"
 
     def __post_init__(self):
         if self.lm_logits_chunk < 0:
             raise ValueError(f"model.lm_logits_chunk={self.lm_logits_chunk} must be >= 0 (0 = no chunking)")
         if self.injection not in INJECTION_MODES:
             raise ValueError(f"model.injection must be one of {INJECTION_MODES}, got {self.injection!r}")
+        if self.question_evidence not in QUESTION_EVIDENCE_MODES:
+            raise ValueError(f"model.question_evidence must be one of {QUESTION_EVIDENCE_MODES}, got "
+                             f"{self.question_evidence!r}")
         if not 0 <= self.k_evi <= self.llm.num_layers:
             raise ValueError(f"model.k_evi={self.k_evi} must be in [0, llm.num_layers={self.llm.num_layers}]")
         if self.llm.num_layers < 2:
@@ -160,15 +168,20 @@ def inject_evidence(embeds: jax.Array, token_positions: jax.Array, intervals: ja
 
 def build_prefix_embeds(model: D2VLM, variables, batch: Mapping[str, jax.Array], frame_tokens: jax.Array) -> jax.Array:
     """Prompt embeddings with frame tokens spliced at ``frame_positions`` and question-side
-    ``<evi>`` tokens enriched with the mean input frame token of their interval: float[B, P, D]."""
+    ``<evi>`` tokens enriched with the mean input frame token of their interval: float[B, P, D]
+    (with ``question_evidence="after_frames"`` only those placed after the frames)."""
     emb = model.apply(variables, batch["prefix_ids"], method=D2VLM.embed)
     p = emb.shape[1]
     frame_onehot = ((batch["frame_positions"][..., None] == jnp.arange(p)) & batch["frame_valid"][..., None])
     is_frame = frame_onehot.any(1)
     spliced = jnp.einsum("bnp,bnd->bpd", frame_onehot.astype(frame_tokens.dtype), frame_tokens)
     emb = jnp.where(is_frame[..., None], spliced.astype(emb.dtype), emb)
+    question_valid = batch["question_evi_valid"].astype(bool)
+    if model.config.question_evidence == "after_frames":
+        last_frame = jnp.max(jnp.where(batch["frame_valid"], batch["frame_positions"], -1), axis=1, keepdims=True)
+        question_valid = question_valid & (batch["question_evi_positions"] > last_frame)
     return inject_evidence(emb, batch["question_evi_positions"], batch["question_evi_intervals"],
-                           batch["question_evi_valid"], frame_tokens, batch["frame_valid"])
+                           question_valid, frame_tokens, batch["frame_valid"])
 
 
 def prefix_layout(batch: Mapping[str, jax.Array]) -> attn_lib.SequenceLayout:

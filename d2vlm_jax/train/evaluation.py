@@ -40,8 +40,7 @@ logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 
-_WEIGHT = {"loss/lm": "tokens", "loss/gnd": "samples_with_evidence", "loss/cons": "samples_with_evidence",
-           "grounding/accuracy": "evidence"}
+_WEIGHTED = ("loss/lm", "loss/gnd", "loss/cons", "grounding/accuracy")   # combined with losses.metric_normalizer
 
 
 def span_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
@@ -166,7 +165,8 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
         dev = sharding.host_batch_to_global({k: host[k] for k in keys}, mesh, rules)
         if tf_fn is not None:
             metrics, norm = jax.device_get(tf_fn(params, dev))
-            for k, w in _WEIGHT.items():
+            for k in _WEIGHTED:
+                w = losses.metric_normalizer(loss_config, k)
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * float(norm[w])
                 dens[k] = dens.get(k, 0.0) + float(norm[w])
         rng = None if dcfg.greedy else jax.random.fold_in(jax.random.key(seed), batch_index)
