@@ -406,7 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     plan = workdir_lib.plan_restart(workdir, config)
     if overwrite and plan.event == "created":
         plan = dataclasses.replace(plan, event="overwritten")
-    _barrier("workdir checked")     # every process has read config.json before process 0 rewrites it
+    # no barrier here: process 0 replaces config.json atomically, and a process that reads the
+    # new one sees the same config (identical) where the old one gave safe changes: one decision
     if is_main:
         workdir_lib.record_start(workdir, config, plan)
         if plan.changes:
