@@ -244,3 +244,45 @@ def host_batch_to_global(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
             raise ValueError(f"batch field {key!r} with local shape {value.shape} cannot be placed "
                              f"with {sharding.spec} on mesh {dict(mesh.shape)}: {e}") from e
     return out
+
+
+# Compile skew between processes: on CPU, the first collective of a program must be reached
+# by every process within Gloo's fixed 30 s; on any backend a host that hits the persistent
+# compilation cache (only process 0 writes it) is minutes ahead of one that compiles.
+LOCKSTEP_COMPILE_TIMEOUT_S = 3600
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x).__name__)),
+                           getattr(x, "sharding", None)) for x in leaves)
+
+
+def compile_in_lockstep(jitted: Any, name: str) -> Any:
+    """``jitted`` for one process; with several, a callable that compiles each new input
+    signature ahead of time, waits at a coordination-service barrier (no collective, an
+    hour's timeout) until every process has compiled it, and only then runs it.
+
+    Without this, a resumed multi-process job whose process 0 finds the step in the
+    persistent compilation cache starts executing while another process is still compiling,
+    and the first collective times out (``Gloo context initialization failed``).
+    ``name`` makes the barrier ids unique; every process must call with the same inputs in
+    the same order (they do: multi-process batches all take the largest buckets).
+    """
+    if jax.process_count() == 1:
+        return jitted
+    from orbax.checkpoint import multihost as ocp_multihost  # noqa: PLC0415
+
+    compiled: dict[Any, Any] = {}
+
+    def call(*args, **kwargs):
+        key = _signature((args, kwargs))
+        if key not in compiled:
+            program = jitted.lower(*args, **kwargs).compile()
+            ocp_multihost.sync_global_processes(f"compiled {name} #{len(compiled)}",
+                                                timeout=LOCKSTEP_COMPILE_TIMEOUT_S)
+            compiled[key] = program
+        return compiled[key](*args, **kwargs)
+
+    call.jitted = jitted
+    return call

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2vlm_jax import sharding
 from d2vlm_jax.evaluation.intervals import ARITHMETICS, DEFAULT_THRESHOLD, TIE_RULES, select_interval_jnp
 from d2vlm_jax.evaluation.parsing import render_interval
 from d2vlm_jax.models import attention as attn_lib
@@ -442,6 +443,7 @@ def make_generate_fn(model: D2VLM, config: DecodeConfig) -> Callable[..., Genera
     knobs (tested). The jitted inner function is ``fn.jitted`` (``fn.jitted._cache_size()``).
     """
     jitted = jax.jit(lambda variables, batch, rng, knobs: generate(model, variables, batch, config, rng, knobs))
+    program = sharding.compile_in_lockstep(jitted, "generate")
 
     def fn(variables, batch: Mapping[str, Any], rng: jax.Array | None = None, *, temperature: float | None = None,
            top_k: int | None = None, top_p: float | None = None,
@@ -456,7 +458,7 @@ def make_generate_fn(model: D2VLM, config: DecodeConfig) -> Callable[..., Genera
         if penalty.ndim == 1 and penalty.shape[0] != rows:
             raise ValueError(f"generate: {penalty.shape[0]} repetition penalties for {rows} rows")
         knobs = knobs._replace(repetition_penalty=jnp.broadcast_to(penalty, (rows,)))   # one shape: one program
-        return jitted(variables, select_prefix_fields(batch), rng, knobs)
+        return program(variables, select_prefix_fields(batch), rng, knobs)
 
     fn.jitted = jitted
     return fn

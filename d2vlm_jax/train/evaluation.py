@@ -141,8 +141,9 @@ def evaluate_annotations(model: D2VLM, params: Any, *, data_config: ml_collectio
     batch_size = max(global_batch_size // pcount, 1)
     tf_fn = None
     if loss_config is not None:
-        tf_fn = jax.jit(lambda p, b: (objective.loss_and_metrics(model, p, b, loss_config, stage="sft")[1],
-                                      losses.normalizers(b)))
+        tf_fn = sharding.compile_in_lockstep(jax.jit(
+            lambda p, b: (objective.loss_and_metrics(model, p, b, loss_config, stage="sft")[1],
+                          losses.normalizers(b))), "teacher-forced eval")
     dcfg = decode_config or decode_lib.DecodeConfig(max_new_tokens=max_new_tokens, evi_token_id=tokenizer.evi_id,
                                                     end_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id)
     gen_fn = decode_lib.make_generate_fn(model, dcfg)

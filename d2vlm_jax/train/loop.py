@@ -296,7 +296,7 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
             reference = jax.device_put(load_init_params(init_from, init_params(model_cfg, config.seed)), param_sh)
 
         keys = setup.batch_keys
-        jit_step = setup.jit(with_reference=reference is not None)
+        jit_step = sharding.compile_in_lockstep(setup.jit(with_reference=reference is not None), f"{stage} step")
 
         log = MetricsLog(stage_dir, stage, total_steps, is_main)
         if progress is None:
