@@ -293,32 +293,6 @@ def run_round(args, protocol: str, round_index: int, workdir: str, standin: str)
             "script_seconds": round(script_seconds, 1), "our_seconds": round(our_seconds, 1)}
 
 
-def check_tokenizer(count: int, seed: int) -> int:
-    """Our Python PTB tokenizer against the jar on the captions of ``count`` random DVC/SLC
-    records (GT captions and parsed answer captions, non-ASCII replaced as the scorer does)."""
-    from d2vlm_jax.evaluation import coco_caption, ptb
-    from d2vlm_jax.evaluation.densevid import remove_nonascii
-    from d2vlm_jax.evaluation.etbench_answers import dense_captions
-    from d2vlm_jax.evaluation.messy_records import messy_records
-    jar = coco_caption.stanford_jar()
-    if jar is None:
-        print("error: --check_tokenizer needs pycocoevalcap and java on our side", file=sys.stderr)
-        return 2
-    captions = []
-    for record in messy_records(random.Random(seed), per_task=count, tasks=("dvc", "slc")):
-        captions += record["g"]
-        parsed = dense_captions(record["a"])
-        captions += parsed[1] if parsed else []
-    text = "\n".join(remove_nonascii(c).replace("\n", " ") for c in captions)
-    java, ours = coco_caption._stanford_lines(text, jar), ptb.tokenize_lines(text)
-    differing = [(c, j, o) for c, j, o in zip(captions, java, ours) if j != o]
-    print(f"python PTB tokenizer vs stanford-corenlp-3.4.1.jar: {len(captions)} captions, "
-          f"{len(differing)} differ ({100 * len(differing) / max(1, len(captions)):.3f} %)")
-    for caption, j, o in differing[:10]:
-        print(f"    {caption!r}\n      jar:  {j!r}\n      ours: {o!r}")
-    return 1 if differing or len(java) != len(ours) else 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--authors_repo", required=True, help="a clone of nusnlp/d2vlm")
@@ -339,12 +313,7 @@ def main() -> int:
                         "our protocol as script_failure (use a small --per_task)")
     parser.add_argument("--workdir", default=None, help="default: a new temporary directory")
     parser.add_argument("--report", default=None, help="write the per-round results as JSON")
-    parser.add_argument("--check_tokenizer", type=int, default=0, metavar="N",
-                        help="only compare our Python PTB tokenizer with the jar on N records per "
-                        "caption task")
     args = parser.parse_args()
-    if args.check_tokenizer:
-        return check_tokenizer(args.check_tokenizer, args.seed)
     for name in args.protocols.split(","):
         script = os.path.join(args.authors_repo, "all_benchmark_eval", "etbench", SCRIPTS[name][0])
         if not os.path.isfile(script):

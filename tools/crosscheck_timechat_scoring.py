@@ -31,8 +31,8 @@ Example::
       --jars /work/ref/venv_timechat/lib/python3.12/site-packages/pycocoevalcap \\
       --benchmark charades --batches 100 --batch_size 40
 
-``--tokenizer_only N`` compares the Python PTB tokenizer with the jar on N random
-captions instead (and ``--write_fixture FILE`` saves the jar's answers for the tests).
+The Python PTB tokenizer alone is checked against the jar by
+``tools/crosscheck_ptb_tokenizer.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from d2vlm_jax.evaluation import coco_caption, ptb_unicode  # noqa: E402
 from d2vlm_jax.evaluation import messy_timechat_records as messy_answers  # noqa: E402
 from d2vlm_jax.evaluation.protocols import get as get_protocol  # noqa: E402
 from d2vlm_jax.evaluation.protocols import timechat_charades, timechat_youcook2  # noqa: E402
@@ -400,38 +399,6 @@ def check_batch(benchmark: str, authors: Authors, records: list[dict], batch_dir
     return summary
 
 
-def tokenizer_check(count: int, seed: int, ptb_jar: str, fixture: str | None) -> None:
-    """Python PTB tokenizer vs the jar on ``count`` captions, compared after coco-caption's
-    punctuation filter (what the scores see), in one jar call as coco-caption makes it."""
-    rng = random.Random(seed)
-    alphabet = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                "   .,;:!?'\"-()[]{}/&*#@$%<>+=_~^|\\`" "éüñçàÉ—–…½£€¥°·\u00a0\u3000😀日’")
-    captions = []
-    for n in range(count):
-        if n % 2:
-            captions.append(messy_answers.caption(rng, odd=0.4))
-        else:
-            captions.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))))
-    table = {str(n): [{"caption": c}] for n, c in enumerate(captions)}
-    expected = coco_caption.CaptionTokenizer("stanford", jar=ptb_jar).tokenize(table)
-    got = coco_caption.CaptionTokenizer(
-        "python", python_lines=ptb_unicode.tokenize_lines).tokenize(table)
-    keys = list(table)
-    mismatches = [k for k in keys if expected.get(k) != got.get(k)]
-    print(f"tokenizer: {count - len(mismatches)}/{count} captions give the same tokens after the "
-          f"punctuation filter ({100 * (1 - len(mismatches) / max(count, 1)):.2f} %; "
-          f"caption-like {sum(int(k) % 2 == 1 for k in mismatches)} mismatches of {count // 2}, "
-          f"character soup {sum(int(k) % 2 == 0 for k in mismatches)} of {count - count // 2})")
-    for k in sorted(mismatches, key=lambda k: -(int(k) % 2))[:30]:
-        print(f"  {table[k][0]['caption']!r}\n    java   {expected.get(k)!r}\n    "
-              f"python {got.get(k)!r}")
-    if fixture:
-        with open(fixture, "w", encoding="utf-8") as f:
-            json.dump([{"kind": "caption" if int(k) % 2 else "soup", "text": table[k][0]["caption"],
-                        "tokens": expected[k][0]} for k in keys], f, ensure_ascii=False, indent=0)
-        print(f"wrote {fixture}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--authors_repo", help="clone of nusnlp/d2vlm")
@@ -447,17 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--our_tokenizer", choices=("stanford", "python"), default="stanford",
                         help="PTB tokenizer of this project's YouCook2 side (the authors' side "
                              "always runs the jar)")
-    parser.add_argument("--tokenizer_only", type=int, default=0, metavar="N")
-    parser.add_argument("--write_fixture")
     args = parser.parse_args(argv)
 
     TOKENIZER[0] = args.our_tokenizer
-    if args.tokenizer_only:
-        if not args.jars:
-            parser.error("--tokenizer_only needs --jars")
-        tokenizer_check(args.tokenizer_only, args.seed, find_file(args.jars, PTB_JAR),
-                        args.write_fixture)
-        return 0
     if not args.authors_repo:
         parser.error("--authors_repo is required")
     workdir = args.workdir or tempfile.mkdtemp(prefix="timechat_crosscheck_")

@@ -11,8 +11,9 @@ is reported unavailable (None).
 Tokenization (``PTBTokenizer``: Stanford CoreNLP 3.4.1 with ``-preserveLines -lowerCase``,
 then punctuation tokens dropped) has two back ends: ``"stanford"`` runs the jar that
 ``pycocoevalcap`` ships (exact by construction); ``"python"`` is
-:func:`d2vlm_jax.evaluation.ptb.tokenize_lines`, a reimplementation checked against the jar
-(``tools/crosscheck_authors_scoring.py``). ``"auto"`` takes the jar when it can run.
+:func:`d2vlm_jax.evaluation.ptb.tokenize_lines`, a reimplementation of the jar on any text
+(checked against it by ``tools/crosscheck_ptb_tokenizer.py``). ``"auto"`` takes the jar
+when it can run.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class CaptionTokenizer:
       backend: ``auto`` (the jar when it can run, else Python), ``stanford`` or ``python``.
       jar: an explicit ``stanford-corenlp-3.4.1.jar`` (default: ``pycocoevalcap``'s).
       python_lines: the Python back end, ``text -> lines`` (default
-        :func:`d2vlm_jax.evaluation.ptb.tokenize_lines`, ASCII text).
+        :func:`d2vlm_jax.evaluation.ptb.tokenize_lines`).
       java: the Java executable.
     """
 

@@ -41,8 +41,8 @@ mean over the ground-truth videos (printed x100 by the script; reported here as 
 METEOR, SODA_c_2 and Para_METEOR need a ``meteor-1.5.jar`` (``meteor_jar``, else the one
 of an installed ``pycocoevalcap``) and Java; without them they are ``None`` and listed
 under ``unavailable``, never estimated. The PTB tokenizer is the jar when it can run
-(``tokenizer="auto"``), else :mod:`d2vlm_jax.evaluation.ptb_unicode`; ``metrics["tokenizer"]``
-says which.
+(``tokenizer="auto"``), else :mod:`d2vlm_jax.evaluation.ptb` (its Python reimplementation);
+``metrics["tokenizer"]`` says which.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from d2vlm_jax.evaluation import coco_caption, etbench_answers, ptb_unicode
+from d2vlm_jax.evaluation import coco_caption, etbench_answers
 from d2vlm_jax.evaluation.protocols import Protocol, register
 from d2vlm_jax.evaluation.protocols.timechat_common import (DEFAULT_DELIMITER, AuthorsStops,
                                                             json_object_keys, load_json,
@@ -156,7 +156,7 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
       meteor_jar: a ``meteor-1.5.jar``; None = an installed ``pycocoevalcap``'s, if any.
       ptb_jar: a ``stanford-corenlp-3.4.1.jar``; None = an installed ``pycocoevalcap``'s.
       tokenizer: ``auto`` (the jar when it can run, else the Python one), ``stanford``
-        (the jar, an error without one) or ``python`` (:mod:`ptb_unicode`).
+        (the jar, an error without one) or ``python`` (:mod:`d2vlm_jax.evaluation.ptb`).
       meteor: False = skip METEOR (and SODA_c, Para_METEOR): reported unavailable.
       delimiter: the stage delimiter (None: ``</evi>``; ``v2``/``v3``/``v4`` or text).
       strict: raise :class:`AuthorsScriptWouldStop` where the authors' scripts stop.
@@ -173,8 +173,7 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
     converted, empty = convert(selected, stops, resolve_delimiter(delimiter))
     gt = ground_truth_from_file(ground_truth) if ground_truth else ground_truth_from_records(
         selected)
-    caption_tokenizer = coco_caption.CaptionTokenizer(tokenizer, jar=ptb_jar,
-                                                      python_lines=ptb_unicode.tokenize_lines)
+    caption_tokenizer = coco_caption.CaptionTokenizer(tokenizer, jar=ptb_jar)
     scorer = coco_caption.Meteor(meteor_jar) if meteor else None
     if scorer is not None and not scorer.available:
         scorer = None
@@ -193,7 +192,7 @@ def score(records: Sequence[Mapping], *, sentence_similarity=None,
     metrics.update(num_records=len(selected), num_empty_entries=empty,
                    num_ground_truth_videos=len(gt.keys))
     tokenizer_name = ("stanford-corenlp-3.4.1.jar" if caption_tokenizer.backend == "stanford"
-                      else "python (ptb_unicode; approximates the jar)")
+                      else "python (d2vlm_jax.evaluation.ptb, a reimplementation of the jar)")
     printed = {k: (None if v is None else round(v, 1) if k == "n_preds" else round(v * 100, 1))
                for k, v in metrics.items() if k in PRINTED}
     notes = ["metrics are fractions (the authors' script prints x100, rounded to 0.1: "
