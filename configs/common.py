@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     # fpo_grounding_targets "seconds" / normalization "sample": the authors' semantics,
     # "frames" / "token" the project's originals (docs/ARCHITECTURE.md "Training semantics")
     c.loss = ml_collections.ConfigDict(dict(alpha=2.0, gnd_weight=10.0, cons_weight=10.0, fpo_beta=0.1,
-                                            fpo_weight=1.0, fpo_reference="none", normalization="token",
+                                            fpo_weight=1.0, fpo_reference="none", normalization="sample",
                                             fpo_grounding_targets="seconds"))
     c.data = pipeline.default_data_config()
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=3, async_save=True))

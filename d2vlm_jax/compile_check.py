@@ -10,7 +10,8 @@ largest buckets, as ``shape_policy="max"`` pads every multi-host batch) and comp
 libtpu. Nothing is allocated: a full-size plan is checked in minutes on a laptop.
 
 The report (:class:`CompileReport`) gives per-chip memory from ``compiled.memory_analysis()``
-(arguments, temporaries, outputs, aliased = donated bytes, total vs the chip's HBM), FLOPs per
+(arguments, temporaries, outputs, aliased = donated bytes, the peak of live bytes, total vs the
+chip's HBM: the larger of the parts' sum and the peak, as libtpu's temporaries can miss some), FLOPs per
 step from ``compiled.cost_analysis()`` (hardware FLOPs: remat recomputation included), the
 model FLOPs of the same program without rematerialization (``lowered.cost_analysis()`` of the
 remat-free program lowered for the host CPU, not compiled), the roofline step time ``FLOPs / (chips x peak)`` and the
@@ -169,6 +170,8 @@ class CompileReport:
     temp_bytes: int = 0
     alias_bytes: int = 0
     code_bytes: int = 0
+    peak_bytes: int = 0                    # most bytes live at once (arguments, temporaries,
+                                           # outputs; donated buffers once), libtpu's heap simulation
     flops_per_device: float = 0.0          # XLA cost analysis of the compiled (partitioned) step,
                                            # loop bodies counted as often as they run
     model_flops: float | None = None       # whole step, remat-free program, host-lowered cost analysis
@@ -181,9 +184,18 @@ class CompileReport:
         return self.chip.hbm_bytes * self.num_chips // self.num_devices
 
     @property
-    def total_bytes(self) -> int:
-        """Peak live bytes: arguments + outputs + temporaries - donated (aliased) + code."""
+    def parts_bytes(self) -> int:
+        """arguments + outputs + temporaries - donated (aliased) + code."""
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """HBM the step needs: the larger of :attr:`parts_bytes` and peak live bytes + code.
+
+        libtpu's ``temp_size_in_bytes`` can leave out temporaries that its ``peak_memory_in_bytes``
+        counts (measured: 0 temporaries for a program whose peak holds 8 MiB of intermediates
+        beyond its arguments and outputs; see docs/TPU.md), so neither figure alone bounds it."""
+        return max(self.parts_bytes, self.peak_bytes + self.code_bytes)
 
     @property
     def fits(self) -> bool:
@@ -229,7 +241,8 @@ class CompileReport:
             return "\n".join(lines)
         lines += [f"compiled in {self.compile_seconds:.1f} s",
                   f"memory per device: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
-                  f"temporaries {g(self.temp_bytes)}, aliased (donated) {g(self.alias_bytes)}, code {g(self.code_bytes)}",
+                  f"temporaries {g(self.temp_bytes)}, aliased (donated) {g(self.alias_bytes)}, code {g(self.code_bytes)}; "
+                  f"peak live {g(self.peak_bytes)}",
                   f"total {g(self.total_bytes)} of {g(self.hbm_per_device)} HBM "
                   f"({100 * self.total_bytes / self.hbm_per_device:.0f}%)"
                   + ("" if self.fits else f" -> DOES NOT FIT, short by {g(self.shortfall_bytes)}"),
@@ -378,6 +391,7 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
     report.temp_bytes = int(mem.temp_size_in_bytes)
     report.alias_bytes = int(mem.alias_size_in_bytes)
     report.code_bytes = int(mem.generated_code_size_in_bytes)
+    report.peak_bytes = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     report.oom = report.total_bytes > report.hbm_per_device
     # XLA's cost analysis counts a while-loop body once. Two loops run more often: the
     # micro-batch scan (M times; this also counts the optimizer update M times: < 0.01 % of a

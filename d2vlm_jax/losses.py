@@ -9,11 +9,11 @@ Per sample (every average below is first taken within one sample):
   is applied exactly once.
 
 How samples are combined is ``LossConfig.normalization``:
-* ``"sample"`` (the authors' runs: batch 1 per device and gradient accumulation,
+* ``"sample"`` (default; the authors' runs: batch 1 per device and gradient accumulation,
   which HF's Trainer averages with equal weights): every term is the plain mean over the
   batch's samples of the sample's own average (``L_lm`` its token mean; ``L_gnd`` /
   ``L_cons`` / ``L_FPO`` 0 for a sample without evidence / pairs, which still counts);
-* ``"token"`` (default; the project's original form): ``L_lm`` is the token mean over all supervised
+* ``"token"`` (the project's original form): ``L_lm`` is the token mean over all supervised
   tokens of the batch, ``L_gnd`` / ``L_cons`` average over the samples that have evidence,
   ``L_FPO`` over all valid pairs.
 
@@ -46,9 +46,9 @@ class LossConfig:
     fpo_beta: float = 0.1
     fpo_weight: float = 1.0
     fpo_reference: str = "none"  # reference-free (authors), LoRA disabled, or frozen SFT params
-    # module docstring; "sample" = the authors' batch-1 + accumulation (not yet the default:
-    # see docs/ARCHITECTURE.md "Training semantics")
-    normalization: str = "token"
+    # module docstring; "sample" = the authors' batch-1 + accumulation (docs/ARCHITECTURE.md
+    # "Training semantics"), "token" = the project's original token mean
+    normalization: str = "sample"
     # FPO grounding log-likelihood targets: "seconds" = the preference pair's raw (float)
     # interval mapped to fractional frame positions (the authors'), "frames" = rounded to frames
     fpo_grounding_targets: str = "seconds"

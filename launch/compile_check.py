@@ -52,7 +52,8 @@ def _as_json(report) -> dict:
             "batch_shapes": report.batch_shapes, "num_chips": report.num_chips, "num_devices": report.num_devices,
             "hbm_per_device": report.hbm_per_device, "argument_bytes": report.argument_bytes,
             "output_bytes": report.output_bytes, "temp_bytes": report.temp_bytes, "alias_bytes": report.alias_bytes,
-            "code_bytes": report.code_bytes, "total_bytes": report.total_bytes, "fits": report.fits,
+            "code_bytes": report.code_bytes, "peak_bytes": report.peak_bytes, "total_bytes": report.total_bytes,
+            "fits": report.fits,
             "shortfall_bytes": report.shortfall_bytes, "step_flops": report.step_flops,
             "model_flops": report.model_flops, "roofline_seconds": report.roofline_seconds,
             "compile_seconds": report.compile_seconds, "error": report.error, "oom": report.oom}

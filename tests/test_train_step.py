@@ -49,9 +49,13 @@ def run_step(micro, stage="fpo", mesh=None, config=None, loss=losses.LossConfig(
         return fn(state, jax.device_put(frozen, f_shard), sharding.host_batch_to_global(batch, mesh))
 
 
+TOKEN = losses.LossConfig(normalization="token")
+
+
 def test_gradient_accumulation_equals_one_big_batch():
-    s1, m1 = run_step(1)
-    s4, m4 = run_step(4)
+    """Accumulation == one big batch in the token-mean form (``loss.normalization="token"``)."""
+    s1, m1 = run_step(1, loss=TOKEN)
+    s4, m4 = run_step(4, loss=TOKEN)
     np.testing.assert_allclose(m4["loss/total"], m1["loss/total"], rtol=1e-5)
     for k in m1:
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -69,7 +73,7 @@ def test_gradient_accumulation_equals_one_big_batch_sample_normalization():
         np.testing.assert_allclose(m4[k], m1[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    _, m_token = run_step(1)
+    _, m_token = run_step(1, loss=TOKEN)
     assert abs(float(m_token["loss/lm"]) - float(m1["loss/lm"])) > 1e-4
 
 
