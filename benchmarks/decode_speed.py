@@ -17,6 +17,7 @@ machine and its load (printed with the table). This is a program, not a test.
 Usage:
   python benchmarks/decode_speed.py
   python benchmarks/decode_speed.py --frames 32,128 --batches 1,8 --new_tokens 128 --hidden 256 --layers 4
+  python benchmarks/decode_speed.py --scan_layers   # the same with the layers scanned
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _HIDDEN = flags.DEFINE_integer("hidden", 32, "LLM hidden size of the tiny config
 _LAYERS = flags.DEFINE_integer("layers", 3, "LLM layers of the tiny config.")
 _VOCAB = flags.DEFINE_integer("vocab", 64, "Vocabulary size of the tiny config.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
+_SCAN = flags.DEFINE_boolean("scan_layers", False, "Scan the layers (stacked parameters and KV cache per layer "
+                             "written in place) instead of unrolling them.")
 
 
 def random_variables(config, batch):
@@ -74,14 +77,16 @@ def timed(fn, *args, repeats):
 
 def main(argv):
     del argv
-    config = testing.tiny_d2vlm_config(hidden=_HIDDEN.value, layers=_LAYERS.value, vocab=_VOCAB.value)
+    config = testing.tiny_d2vlm_config(hidden=_HIDDEN.value, layers=_LAYERS.value, vocab=_VOCAB.value,
+                                       scan_layers=_SCAN.value)
     model = D2VLM(config)
     steps = _NEW_TOKENS.value
     decode_config = decode.DecodeConfig(max_new_tokens=steps, evi_token_id=testing.EVI_ID, end_token_id=None)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}; jax {jax.__version__}; devices {jax.devices()}")
     print(f"model: tiny D2VLM (llm hidden {config.llm.hidden_size}, {config.llm.num_layers} layers, vocab "
-          f"{config.llm.vocab_size}; image {config.video.vision.image_size}px); {steps} new tokens per row, "
+          f"{config.llm.vocab_size}; image {config.video.vision.image_size}px; layers "
+          f"{'scanned' if config.llm.scan_layers else 'unrolled'}); {steps} new tokens per row, "
           f"greedy, no early stop")
     header = (f"{'frames':>6} {'batch':>5} {'prefix':>6} {'compile s':>14} {'prefill ms':>10} "
               f"{'generate ms':>11} {'decode ms/step':>14} {'decode tok/s':>12} {'recompiles':>10}")

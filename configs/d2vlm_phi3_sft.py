@@ -5,7 +5,9 @@
         --config.data.train_annotations=... --config.data.eval_annotations=... \
         --config.data.llm_tokenizer=.../tokenizer.json --config.data.qformer_vocab=.../vocab.txt
 
-Initialization: the E.T. Chat stage-2 checkpoint converted with launch/import_checkpoint.py.
+Initialization: the E.T. Chat stage-2 checkpoint converted with launch/import_checkpoint.py
+(its unrolled ``layers_{i}`` are stacked on load: ``model.scan_layers`` runs the decoder, the
+vision tower and the Q-Former as ``nn.scan`` loops, so a compile does not grow with depth).
 Batch: 1 sample per device (``sft.batch_size`` = number of devices), one epoch.
 """
 
@@ -16,7 +18,7 @@ from configs import common
 
 def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        k_evi=6, alpha=2.0, injection="single_pass",
+        k_evi=6, alpha=2.0, injection="single_pass", scan_layers=True,
         lm_logits_chunk=256,   # LM log-probabilities 256 response tokens at a time (no [B, C1, R, V] logits)
         llm=dict(family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_layers=32,
                  num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5, lora_rank=128,
@@ -27,7 +29,10 @@ def model_config() -> ml_collections.ConfigDict:
             vision=dict(image_size=224, patch_size=14, width=1408, depth=40, num_heads=16, mlp_dim=6144,
                         output_layer=39, dtype="bfloat16"),
             qformer=dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, vocab_size=30523,
-                         max_position_embeddings=512, num_queries=32, encoder_width=1408, dtype="bfloat16"),
+                         max_position_embeddings=512, num_queries=32, encoder_width=1408, dtype="bfloat16",
+                         # scanned, the Q-Former's residuals are whatever its body saves: keep the
+                         # projections, recompute attention inside each layer (docs/BENCHMARKS.md)
+                         remat_policy="dots_with_no_batch_dims_saveable"),
             compressor=dict(query_dim=768, vision_dim=1408, out_dim=3072, dtype="bfloat16")),
     ))
 

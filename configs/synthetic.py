@@ -19,7 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     hidden = 128
     c.model = ml_collections.ConfigDict(dict(
-        k_evi=2, alpha=2.0, injection="single_pass", lm_logits_chunk=0,
+        # layers unrolled: a 4-layer model compiles in seconds either way (the full-size configs scan)
+        k_evi=2, alpha=2.0, injection="single_pass", lm_logits_chunk=0, scan_layers=False,
         llm=dict(family="llama", vocab_size=0, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=4,
                  num_heads=4, num_kv_heads=4, rope_theta=10000.0, lora_rank=0, dtype="float32",
                  remat_policy="none", attention_impl="xla"),

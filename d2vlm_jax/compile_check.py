@@ -12,11 +12,16 @@ libtpu. Nothing is allocated: a full-size plan is checked in minutes on a laptop
 The report (:class:`CompileReport`) gives per-chip memory from ``compiled.memory_analysis()``
 (arguments, temporaries, outputs, aliased = donated bytes, the peak of live bytes, total vs the
 chip's HBM: the larger of the parts' sum and the peak, as libtpu's temporaries can miss some), FLOPs per
-step from ``compiled.cost_analysis()`` (hardware FLOPs: remat recomputation included), the
-model FLOPs of the same program without rematerialization (``lowered.cost_analysis()`` of the
-remat-free program lowered for the host CPU, not compiled), the roofline step time ``FLOPs / (chips x peak)`` and the
-MFU implied by an assumed hardware utilization. An out-of-memory plan (XLA's
-RESOURCE_EXHAUSTED, or a total above HBM) is reported with its shortfall.
+step counted from the compiled program's HLO with every loop's trip count
+(``d2vlm_jax.hlo_cost``: hardware FLOPs, remat recomputation included; XLA's own
+``cost_analysis()`` counts a loop body once, which scanned layers, micro-batches and frame
+chunks would undercount), the model FLOPs of the same program without rematerialization
+(``lowered.cost_analysis()`` of the remat-free, loop-free program lowered for the host CPU,
+not compiled), the roofline step time ``FLOPs / (chips x peak)``, the MFU implied by an
+assumed hardware utilization, and the host cost of the compile: wall and CPU time and the peak
+resident memory of this process while it lowered and compiled (``VmHWM``, reset before each
+plan where Linux allows). An out-of-memory plan (XLA's RESOURCE_EXHAUSTED, or a total above
+HBM) is reported with its shortfall.
 
 Needs the ``tpu`` extra (``pip install 'jax[tpu]==0.10.2'``, libtpu); :class:`NoLibtpuError`
 says so when it is missing. Set ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` (several checks at once) and
@@ -38,7 +43,7 @@ import ml_collections
 
 from d2vlm_jax import batch as batch_lib
 from d2vlm_jax import config as cfg_lib
-from d2vlm_jax import sharding
+from d2vlm_jax import hlo_cost, sharding
 from d2vlm_jax.models.d2vlm import D2VLMConfig
 from d2vlm_jax.testing import random_batch
 
@@ -164,7 +169,10 @@ class CompileReport:
     chip: ChipSpec
     num_devices: int
     num_chips: int
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0           # host wall time of lowering + compiling the step
+    compile_cpu_seconds: float = 0.0       # host CPU time (all threads) of the same: robust to load
+    host_peak_rss_bytes: int = 0           # peak resident memory of this process during it
+    host_peak_rss_scope: str = "compile"   # "compile" (high-water mark reset first) or "process"
     argument_bytes: int = 0
     output_bytes: int = 0
     temp_bytes: int = 0
@@ -172,8 +180,10 @@ class CompileReport:
     code_bytes: int = 0
     peak_bytes: int = 0                    # most bytes live at once (arguments, temporaries,
                                            # outputs; donated buffers once), libtpu's heap simulation
-    flops_per_device: float = 0.0          # XLA cost analysis of the compiled (partitioned) step,
-                                           # loop bodies counted as often as they run
+    flops_per_device: float = 0.0          # compiled (partitioned) step, from its HLO: every loop
+                                           # body counted as often as it runs (hlo_cost)
+    xla_flops_per_device: float = 0.0      # XLA's cost_analysis() of the same program (loop bodies once)
+    loop_trip_counts: list[int] = dataclasses.field(default_factory=list)  # the loops counted
     model_flops: float | None = None       # whole step, remat-free program, host-lowered cost analysis
     error: str | None = None               # compile failure (e.g. RESOURCE_EXHAUSTED)
     oom: bool = False
@@ -233,20 +243,24 @@ class CompileReport:
                  f"stage {self.stage}; {self.plan.label()}",
                  "batch " + ", ".join(f"{k}{list(v)}" for k, v in self.batch_shapes.items()
                                       if k in ("frames", "prefix_ids", "response_ids", "rejected_ids"))]
+        host = (f"{self.compile_seconds:.1f} s ({self.compile_cpu_seconds:.1f} s of CPU), host peak RSS {self.host_peak_rss_bytes / 1e9:.2f} GB"
+                + ("" if self.host_peak_rss_scope == "compile" else " (whole process so far)"))
         if self.error is not None:
+            lines.append(f"compile stopped after {host}")
             lines.append(("OUT OF MEMORY (XLA): " if self.oom else "COMPILE FAILED: ") + self.error)
             if self.largest_buffers:
                 lines.append("largest live buffers per device (libtpu's report; shapes are per-device shards):")
                 lines += ["  " + b for b in self.largest_buffers]
             return "\n".join(lines)
-        lines += [f"compiled in {self.compile_seconds:.1f} s",
+        lines += [f"compiled in {host}",
                   f"memory per device: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
                   f"temporaries {g(self.temp_bytes)}, aliased (donated) {g(self.alias_bytes)}, code {g(self.code_bytes)}; "
                   f"peak live {g(self.peak_bytes)}",
                   f"total {g(self.total_bytes)} of {g(self.hbm_per_device)} HBM "
                   f"({100 * self.total_bytes / self.hbm_per_device:.0f}%)"
                   + ("" if self.fits else f" -> DOES NOT FIT, short by {g(self.shortfall_bytes)}"),
-                  f"FLOPs per step: {self.step_flops:.4g} (hardware, {self.flops_per_device:.4g} per device)"
+                  f"FLOPs per step: {self.step_flops:.4g} (hardware, {self.flops_per_device:.4g} per device, "
+                  f"{len(self.loop_trip_counts)} loops counted by trip count)"
                   + (f"; model (no remat) {self.model_flops:.4g}" if self.model_flops else ""),
                   f"roofline step time {self.roofline_seconds * 1e3:.3g} ms at 100% of peak; "
                   f"{self.step_seconds(utilization) * 1e3:.3g} ms at {100 * utilization:.0f}% hardware utilization"
@@ -373,7 +387,8 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
     report = CompileReport(topology=topology, num_slices=num_slices, stage=stage, plan=plan,
                            batch_shapes={k: tuple(v.shape) for k, v in batch_abs.items()}, chip=chip,
                            num_devices=len(devices), num_chips=chips_in(topology) * num_slices)
-    t0 = time.time()
+    rss_scope = "compile" if reset_peak_rss() else "process"
+    t0, cpu0 = time.time(), _cpu_seconds()
     try:
         compiled = _lower(config, stage, mesh, model_cfg, batch_abs).compile()
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError / XlaRuntimeError
@@ -382,9 +397,11 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
         report.oom = _is_oom(message)
         if report.oom:
             report.largest_buffers = largest_buffers(since=t0)
-        report.compile_seconds = time.time() - t0
+        report.compile_seconds, report.compile_cpu_seconds = time.time() - t0, _cpu_seconds() - cpu0
+        report.host_peak_rss_bytes, report.host_peak_rss_scope = peak_rss_bytes(), rss_scope
         return report
-    report.compile_seconds = time.time() - t0
+    report.compile_seconds, report.compile_cpu_seconds = time.time() - t0, _cpu_seconds() - cpu0
+    report.host_peak_rss_bytes, report.host_peak_rss_scope = peak_rss_bytes(), rss_scope
     mem = compiled.memory_analysis()
     report.argument_bytes = int(mem.argument_size_in_bytes)
     report.output_bytes = int(mem.output_size_in_bytes)
@@ -393,40 +410,76 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
     report.code_bytes = int(mem.generated_code_size_in_bytes)
     report.peak_bytes = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     report.oom = report.total_bytes > report.hbm_per_device
-    # XLA's cost analysis counts a while-loop body once. Two loops run more often: the
-    # micro-batch scan (M times; this also counts the optimizer update M times: < 0.01 % of a
-    # full-size step) and, inside it, the vision tower's frame-chunk scan (C times): the
-    # C - 1 uncounted chunks are added from the tower's own cost (it is never rematerialized).
-    chunks = model_cfg.video.vision.frame_chunks
-    missed_chunks = 0.0
-    if chunks > 1:
-        frames_per_micro = batch_abs["frames"].shape[0] // plan.micro_batches * batch_abs["frames"].shape[1]
-        missed_chunks = vision_tower_flops(model_cfg.video.vision, frames_per_micro) * (chunks - 1) / chunks
-    report.flops_per_device = (float(_cost(compiled).get("flops", 0.0)) + missed_chunks / len(devices)) \
-        * plan.micro_batches
-    if model_flops:  # the program without remat and without the frame-chunk loop, lowered for the host
-        no_remat = _with_plan(config, stage, dataclasses.replace(plan, remat_policy="none"))
-        no_remat.model.video.vision.frame_chunks = 1
-        try:  # libtpu's compile-only client has no cost model for unoptimized HLO: lower for the host
-            lowered = _lower(no_remat, stage, None, cfg_lib.model_config(no_remat), batch_abs)
-            report.model_flops = float(_cost(lowered).get("flops", 0.0)) * plan.micro_batches or None
-        except Exception:  # noqa: BLE001 - model FLOPs are an extra; the report stands without them
-            report.model_flops = None
+    # Every loop (micro-batches, scanned layer stacks, frame chunks) counted as often as it
+    # runs, from the compiled HLO; XLA's own figure counts each loop body once.
+    report.xla_flops_per_device = float(_cost(compiled).get("flops", 0.0))
+    report.flops_per_device, loops = hlo_cost.program_flops(compiled.as_text())
+    report.loop_trip_counts = [n for _, n in loops]
+    if model_flops:
+        report.model_flops = _model_flops(config, stage, plan, batch_abs)
     return report
 
 
-def vision_tower_flops(vision_cfg, frames: int) -> float:
-    """FLOPs of the vision tower over ``frames`` frames, from XLA's cost analysis of the tower
-    alone lowered for the host (nothing compiled or allocated)."""
-    import jax.numpy as jnp
-    from d2vlm_jax.models.vision import VisionTower
-    tower = VisionTower(dataclasses.replace(vision_cfg, frame_chunks=1))
-    size = vision_cfg.image_size
-    params = jax.eval_shape(lambda: tower.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8)))
-    frames_abs = jax.ShapeDtypeStruct((frames, size, size, 3), jnp.uint8)
-    with jax.default_device(jax.devices("cpu")[0]):
-        lowered = jax.jit(tower.apply).lower(params, frames_abs)
-    return float(_cost(lowered).get("flops", 0.0))
+def _model_flops(config: ml_collections.ConfigDict, stage: str, plan: Plan,
+                 batch_abs: Mapping[str, jax.ShapeDtypeStruct]) -> float | None:
+    """FLOPs of the step as written: the program without remat, without loops (layers
+    unrolled, one frame chunk; the micro-batch scan counted ``micro_batches`` times) and with
+    the XLA attention (kernels change how, not what, is computed), lowered for the host CPU
+    (libtpu's compile-only client has no cost model for unoptimized HLO)."""
+    no_remat = _with_plan(config, stage, dataclasses.replace(plan, remat_policy="none"))
+    no_remat.model.video.vision.frame_chunks = 1
+    if "scan_layers" in no_remat.model:
+        no_remat.model.scan_layers = False
+    for part in (no_remat.model.llm, no_remat.model.video.vision, no_remat.model.video.qformer):
+        if "scan_layers" in part:
+            part.scan_layers = False
+    if "attention_impl" in no_remat.model.llm:
+        no_remat.model.llm.attention_impl = "xla"
+    try:
+        lowered = _lower(no_remat, stage, None, cfg_lib.model_config(no_remat), batch_abs)
+        return float(_cost(lowered).get("flops", 0.0)) * plan.micro_batches or None
+    except Exception:  # noqa: BLE001 - model FLOPs are an extra; the report stands without them
+        return None
+
+
+def model_flops_of(config: ml_collections.ConfigDict, stage: str, plan: Plan) -> float | None:
+    """Model FLOPs (:func:`_model_flops`) of ``plan`` applied to ``config``, e.g. for the rows of
+    a sweep that fit (they are compiled without)."""
+    config = _with_plan(config, stage, plan)
+    model_cfg = cfg_lib.model_config(config)
+    return _model_flops(config, stage, plan, batch_shapes(config, model_cfg, stage, plan.batch_size))
+
+
+def _cpu_seconds() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's resident-memory high-water mark (``VmHWM``; Linux >= 4.0, by
+    writing 5 to ``/proc/self/clear_refs``). False where that is not possible: the peak read
+    afterwards is then the whole process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: ``VmHWM`` of ``/proc/self/status``, else
+    ``getrusage``'s ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _cost(obj) -> dict:
@@ -454,25 +507,32 @@ def mesh_candidates(num_devices: int, tensor_sizes: Iterable[int] = (1, 2, 4)) -
 
 def sweep_plans(config: ml_collections.ConfigDict, stage: str, num_devices: int, *,
                 meshes: Sequence[tuple[int, int, int]] | None = None, remat_policies: Sequence[str] = REMAT_POLICIES,
-                micro_batches: Sequence[int] | None = None, batch_size: int | None = None) -> list[Plan]:
-    """The valid plans of a sweep: every (mesh, remat, micro-batches) whose micro-batch is
-    divisible by ``data * fsdp``."""
-    batch = int(batch_size or config[stage].batch_size)
+                micro_batches: Sequence[int] | None = None, batch_size: int | None = None,
+                batch_sizes: Sequence[int] | None = None) -> list[Plan]:
+    """The valid plans of a sweep: every (batch rows per step, mesh, remat, micro-batches)
+    whose micro-batch is divisible by ``data * fsdp``. ``batch_sizes`` (default: the config's,
+    or ``batch_size``) are the rows per step; micro-batch counts default to 1, 2, 4, 8 that
+    divide each and the config's own."""
+    batches = list(batch_sizes or [int(batch_size or config[stage].batch_size)])
     meshes = meshes or mesh_candidates(num_devices)
-    micro_batches = micro_batches or sorted({m for m in (1, 2, 4, 8) if batch % m == 0}
-                                            | {int(config[stage].micro_batches)})
     plans = []
-    for mesh, remat, micro in itertools.product(meshes, remat_policies, micro_batches):
-        if math.prod(mesh) != num_devices or batch % micro or (batch // micro) % (mesh[0] * mesh[1]):
-            continue
-        plans.append(Plan(mesh=tuple(mesh), remat_policy=remat, micro_batches=micro, batch_size=batch))
+    for batch in batches:
+        micros = micro_batches or sorted({m for m in (1, 2, 4, 8) if batch % m == 0}
+                                         | {int(config[stage].micro_batches)})
+        for mesh, remat, micro in itertools.product(meshes, remat_policies, micros):
+            if math.prod(mesh) != num_devices or batch % micro or (batch // micro) % (mesh[0] * mesh[1]):
+                continue
+            plans.append(Plan(mesh=tuple(mesh), remat_policy=remat, micro_batches=micro, batch_size=batch))
     return plans
 
 
 def format_table(reports: Sequence[CompileReport], utilization: float = 0.4) -> str:
-    """One row per plan: memory per device, fit, FLOPs and step time."""
+    """One row per plan: memory per device, fit, FLOPs, step time, MFU and the host cost of
+    the compile (wall time, peak RSS)."""
+    util = str(int(100 * utilization)) + "%"
     head = f"{'mesh d/f/t':>11} {'remat':>33} {'micro':>5} {'batch':>5} {'GiB/dev':>8} {'fits':>5} " \
-           f"{'TFLOP/step':>10} {'roofline ms':>11} {'ms@' + str(int(100 * utilization)) + '%':>9} {'compile s':>9}"
+           f"{'TFLOP/step':>10} {'roofline ms':>11} {'ms@' + util:>9} {'MFU@' + util:>8} {'compile s':>9} " \
+           f"{'cpu s':>7} {'RSS GB':>6}"
     rows = [head, "-" * len(head)]
     for r in reports:
         p = r.plan
@@ -482,7 +542,10 @@ def format_table(reports: Sequence[CompileReport], utilization: float = 0.4) -> 
             rows.append(f"{mesh:>11} {p.remat_policy:>33} {p.micro_batches:>5} {p.batch_size:>5} {'-':>8} {status:>5}  "
                         f"{r.error[:70]}")
             continue
+        mfu = r.mfu(utilization)
         rows.append(f"{mesh:>11} {p.remat_policy:>33} {p.micro_batches:>5} {p.batch_size:>5} "
                     f"{r.total_bytes / GIB:8.2f} {'yes' if r.fits else 'NO':>5} {r.step_flops / 1e12:10.2f} "
-                    f"{r.roofline_seconds * 1e3:11.1f} {r.step_seconds(utilization) * 1e3:9.1f} {r.compile_seconds:9.1f}")
+                    f"{r.roofline_seconds * 1e3:11.1f} {r.step_seconds(utilization) * 1e3:9.1f} "
+                    f"{(f'{100 * mfu:.1f}%' if mfu is not None else '-'):>8} {r.compile_seconds:9.1f} "
+                    f"{r.compile_cpu_seconds:7.1f} {r.host_peak_rss_bytes / 1e9:6.2f}")
     return "\n".join(rows)

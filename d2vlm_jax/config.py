@@ -51,7 +51,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
     m = config.model
     rules = sharding.rules_from_config(config.get("sharding_rules"))
     llm_values = _to_dict(m.llm)
+    vision_values = _to_dict(m.video.vision)
     qformer_values = _to_dict(m.video.qformer)
+    scan = m.get("scan_layers")  # the one switch for the decoder, the vision tower and the Q-Former
+    if scan is not None:
+        for values, where in ((llm_values, "llm"), (vision_values, "video.vision"), (qformer_values, "video.qformer")):
+            if "scan_layers" in values and bool(values["scan_layers"]) != bool(scan):
+                raise ConfigError(f"config.model.{where}.scan_layers={values['scan_layers']} contradicts "
+                                  f"config.model.scan_layers={scan}; set one of them")
+            values["scan_layers"] = bool(scan)
     for values, size, where in ((llm_values, vocab_size, "config.model.llm.vocab_size"),
                                 (qformer_values, qformer_vocab_size, "config.model.video.qformer.vocab_size")):
         if size is None:
@@ -62,11 +70,11 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
             raise ConfigError(f"{where}={values['vocab_size']} is smaller than the tokenizer's {size} tokens")
     llm = _dataclass_from(DecoderConfig, llm_values, "config.model.llm", sharding_rules=rules)
     video = VideoEncoderConfig(
-        vision=_dataclass_from(VisionConfig, m.video.vision, "config.model.video.vision"),
+        vision=_dataclass_from(VisionConfig, vision_values, "config.model.video.vision"),
         qformer=_dataclass_from(QFormerConfig, qformer_values, "config.model.video.qformer"),
         compressor=_dataclass_from(CompressorConfig, m.video.compressor, "config.model.video.compressor"),
     )
-    top = {k: v for k, v in _to_dict(m).items() if k not in ("llm", "video")}
+    top = {k: v for k, v in _to_dict(m).items() if k not in ("llm", "video", "scan_layers")}
     return _dataclass_from(D2VLMConfig, top, "config.model", llm=llm, video=video)
 
 
@@ -114,7 +122,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                      qformer_vocab_size=config.model.video.qformer.vocab_size or 1)
     lines.append(f"model: {m.llm.family} {m.llm.num_layers} layers x {m.llm.hidden_size}, vision "
                  f"{m.video.vision.num_blocks_run} blocks x {m.video.vision.width}, Q-Former "
-                 f"{m.video.qformer.num_layers} layers")
+                 f"{m.video.qformer.num_layers} layers"
+                 + "".join(f"; {name} scanned" for name, on in (("decoder", m.llm.scan_layers),
+                                                                ("vision", m.video.vision.scan_layers),
+                                                                ("Q-Former", m.video.qformer.scan_layers)) if on))
     lines.append(f"loss: {loss_config(config)}")
     lines.append(f"trainable table: {len(trainable_patterns(config))} patterns")
     for stage in stages:

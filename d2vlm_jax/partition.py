@@ -1,7 +1,9 @@
 """Trainable / frozen parameters from one table of path patterns (SPEC §1.6).
 
-Paths are ``'/'``-joined parameter names (``'llm/layers_3/attn/qkv_proj/lora_a'``). The first
-pattern that fully matches decides; a path matching nothing is frozen. The table lives in the
+Paths are ``'/'``-joined parameter names (``'llm/layers_3/attn/qkv_proj/lora_a'``; with
+scanned layers one path covers every layer: ``'llm/layers/attn/qkv_proj/lora_a'``, so a
+pattern naming single layers needs ``scan_layers`` off). The first pattern that fully matches
+decides; a path matching nothing is frozen. The table lives in the
 config (``config.trainable``) so an experiment can change it; :data:`D2VLM_TRAINABLE` is the
 paper's partition. Frozen parameters are passed to the loss as constants: they get no
 gradient computation and no optimizer state.
@@ -17,7 +19,7 @@ from flax import traverse_util
 from d2vlm_jax.models.video_encoder import VIDEO_ENCODER_TRAINABLE_PATTERNS
 
 D2VLM_TRAINABLE: tuple[tuple[str, bool], ...] = (
-    (r"llm/layers_\d+/attn/\w+/lora_[ab]", True),   # LoRA adapters
+    (r"llm/layers(_\d+)?/attn/\w+/lora_[ab]", True),  # LoRA adapters (layers unrolled or scanned)
     (r"llm/embed_tokens/.*", True),                 # token embeddings (incl. <evi>, </evi>)
     (r"llm/lm_head/.*", True),
     (r"llm/.*", False),                             # the LLM's base weights

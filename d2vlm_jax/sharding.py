@@ -51,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("lora_rank", None),
     ("queries", None),
     ("positions", None),
+    ("layers", None),  # the stacked axis of scanned layers (models/stacking.py): every chip holds every layer
 )
 
 _logged_drops: set[tuple] = set()

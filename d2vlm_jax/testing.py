@@ -22,7 +22,7 @@ IMAGE_ID = 0      # placeholder id at frame slots
 
 def tiny_d2vlm_config(*, family: str = "phi3", hidden: int = 32, layers: int = 3, vocab: int = 64,
                       image_size: int = 28, lora_rank: int = 4, injection: str = "single_pass",
-                      dtype: str = "float32", k_evi: int = 1) -> D2VLMConfig:
+                      dtype: str = "float32", k_evi: int = 1, scan_layers: bool = False) -> D2VLMConfig:
     vision = VisionConfig(image_size=image_size, patch_size=14, width=32, depth=3, num_heads=2, mlp_dim=48,
                           output_layer=2, dtype=dtype)
     qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, vocab_size=50,
@@ -32,7 +32,7 @@ def tiny_d2vlm_config(*, family: str = "phi3", hidden: int = 32, layers: int = 3
                         num_layers=layers, num_heads=4, num_kv_heads=2, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
                         dtype=dtype)
     return D2VLMConfig(llm=llm, video=VideoEncoderConfig(vision, qformer, compressor), k_evi=k_evi,
-                       injection=injection)
+                       injection=injection).with_scan_layers(scan_layers)
 
 
 def random_batch(config: D2VLMConfig, seed: int = 0, *, batch: int = 2, frames: int = 6, qformer_len: int = 5,

@@ -6,6 +6,8 @@ Examples:
   python launch/compile_check.py --config configs/d2vlm_phi3_v5p.py --topology v5p:2x2x1 --stage fpo
   python launch/compile_check.py --config configs/d2vlm_phi3_v5e.py --topology v5e:4x4 --sweep \
       --sweep_remat=full,dots_with_no_batch_dims_saveable --sweep_micro=1,2
+  python launch/compile_check.py --config configs/d2vlm_phi3_v5p.py --topology v5p:2x2x1 --sweep \
+      --sweep_meshes=1/4/1 --sweep_batch=8,16 --sweep_remat=full,save:attn_out --sweep_micro=2,4
   python launch/compile_check.py --config configs/synthetic.py --topology v5e:2x2 \
       --config.model.llm.vocab_size=512 --config.model.video.qformer.vocab_size=128
 
@@ -37,10 +39,12 @@ _SWEEP = flags.DEFINE_boolean("sweep", False, "Try mesh splits x remat policies 
 _SWEEP_REMAT = flags.DEFINE_list("sweep_remat", None, "Remat policies to sweep (default: none,full,dots_saveable,"
                                  "dots_with_no_batch_dims_saveable).")
 _SWEEP_MICRO = flags.DEFINE_list("sweep_micro", None, "Micro-batch counts to sweep (default: divisors 1,2,4,8).")
+_SWEEP_BATCH = flags.DEFINE_list("sweep_batch", None, "Rows per step to sweep (default: the config's batch size).")
 _SWEEP_TENSOR = flags.DEFINE_list("sweep_tensor", ["1", "2", "4"], "Tensor-parallel sizes to sweep.")
 _SWEEP_MESHES = flags.DEFINE_list("sweep_meshes", None, "Explicit meshes 'data/fsdp/tensor', e.g. 1/8/1,2/4/1.")
 _UTILIZATION = flags.DEFINE_float("utilization", 0.4, "Assumed hardware FLOP utilization for the step-time estimate.")
-_MODEL_FLOPS = flags.DEFINE_boolean("model_flops", True, "Also lower the remat-free step for model FLOPs / MFU.")
+_MODEL_FLOPS = flags.DEFINE_boolean("model_flops", True, "Also lower the remat-free step for model FLOPs / MFU "
+                                    "(with --sweep: for every plan that fits).")
 _JSON = flags.DEFINE_string("json_out", None, "Write the report(s) as JSON here.")
 flags.mark_flags_as_required(["config"])
 
@@ -56,7 +60,12 @@ def _as_json(report) -> dict:
             "fits": report.fits,
             "shortfall_bytes": report.shortfall_bytes, "step_flops": report.step_flops,
             "model_flops": report.model_flops, "roofline_seconds": report.roofline_seconds,
-            "compile_seconds": report.compile_seconds, "error": report.error, "oom": report.oom}
+            "compile_seconds": report.compile_seconds, "compile_cpu_seconds": report.compile_cpu_seconds,
+            "host_peak_rss_bytes": report.host_peak_rss_bytes,
+            "host_peak_rss_scope": report.host_peak_rss_scope, "flops_per_device": report.flops_per_device,
+            "xla_flops_per_device": report.xla_flops_per_device, "loop_trip_counts": report.loop_trip_counts,
+            "mfu_at_utilization": report.mfu(_UTILIZATION.value), "utilization": _UTILIZATION.value,
+            "error": report.error, "oom": report.oom}
 
 
 def main(argv):
@@ -80,7 +89,8 @@ def main(argv):
                 meshes = cc.mesh_candidates(len(devices), [int(t) for t in _SWEEP_TENSOR.value])
             plans = cc.sweep_plans(config, stage, len(devices), meshes=meshes,
                                    remat_policies=_SWEEP_REMAT.value or cc.REMAT_POLICIES,
-                                   micro_batches=[int(m) for m in _SWEEP_MICRO.value] if _SWEEP_MICRO.value else None)
+                                   micro_batches=[int(m) for m in _SWEEP_MICRO.value] if _SWEEP_MICRO.value else None,
+                                   batch_sizes=[int(b) for b in _SWEEP_BATCH.value] if _SWEEP_BATCH.value else None)
             if not plans:
                 raise cc.CompileCheckError("--sweep: no (mesh, micro-batch) combination divides the batch")
             reports = []
@@ -88,8 +98,11 @@ def main(argv):
                 print(f"[{i + 1}/{len(plans)}] {plan.label()} ...", flush=True)
                 r = cc.check(config, topology=_TOPOLOGY.value, stage=stage, num_slices=_NUM_SLICES.value,
                              plan=plan, devices=devices, model_flops=False)
+                if r.fits and _MODEL_FLOPS.value:
+                    r.model_flops = cc.model_flops_of(config, stage, plan)
                 print("   " + ("fits" if r.fits else ("OOM" if r.oom else "error")) +
-                      (f", {r.total_bytes / cc.GIB:.2f} GiB/device" if r.error is None else f": {r.error[:200]}"),
+                      (f", {r.total_bytes / cc.GIB:.2f} GiB/device" if r.error is None else f": {r.error[:200]}")
+                      + f"; compiled in {r.compile_seconds:.0f} s, host peak RSS {r.host_peak_rss_bytes / 1e9:.2f} GB",
                       flush=True)
                 reports.append(r)
             print(f"\n{_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), stage {stage}:\n"

@@ -38,6 +38,8 @@ QH, QHEADS, QFFN, QLAYERS, NQ, QVOCAB, QPOS = 128, 2, 64, 2, 4, 50, 16  # BERT h
 D, LAYERS, HEADS, KV, FFN = 32, 3, 4, 2, 64
 RANK, ALPHA = 4, 8.0
 N_FRAMES = 3
+# imports into the model with every layer stack scanned (stacked [L, ...] parameters)
+SCANNED = {"llm.scan_layers": True, "video.vision.scan_layers": True, "video.qformer.scan_layers": True}
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -199,10 +201,11 @@ def setup(tmp_path_factory):
             "tok_dir": str(root / "tok")}
 
 
-@pytest.fixture(scope="module")
-def imported(setup):
-    dst = str(setup["root"] / "jax_full")
-    return ck.import_checkpoint(setup["full"], dst), dst
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def imported(setup, request):
+    """The full checkpoint imported into the model with layers unrolled, or scanned."""
+    dst = str(setup["root"] / ("jax_scanned" if request.param else "jax_full"))
+    return ck.import_checkpoint(setup["full"], dst, overrides=SCANNED if request.param else None), dst
 
 
 # ----------------------------------------------------------------------------- parity
@@ -298,7 +301,8 @@ def test_import_export_import_is_identity(setup, imported, tmp_path):
         np.testing.assert_array_equal(reader[key], original[key], err_msg=key)
     cfg = json.load(open(tmp_path / "hf" / "config.json"))
     assert cfg["model_type"] == "etchat_phi3" and cfg["evidence_token_id"] == setup["tok_ids"]["<evi>"]
-    again = ck.import_checkpoint(tmp_path / "hf", tmp_path / "jax2")
+    again = ck.import_checkpoint(tmp_path / "hf", tmp_path / "jax2",
+                                 overrides=SCANNED if result.config.llm.scan_layers else None)
     assert again.config == result.config and not again.ignored
     for path, leaf in flatten(result.params).items():
         np.testing.assert_array_equal(flatten(again.params)[path], leaf, err_msg="/".join(path))
@@ -375,9 +379,13 @@ def test_split_and_full_forms_import_to_the_same_params(split):
     np.testing.assert_array_equal(kept.params["llm"]["layers_1"]["attn"]["o_proj"]["lora_b"], b.numpy().T)
 
 
-def test_lora_export_merges_exactly_and_adapter_roundtrips(split, tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_lora_export_merges_exactly_and_adapter_roundtrips(split, tmp_path, scan):
     split_dir, _, _ = split
-    kept = ck.import_checkpoint(split_dir, tmp_path / "jax", lora="keep")
+    overrides = SCANNED if scan else None
+    kept = ck.import_checkpoint(split_dir, tmp_path / "jax", lora="keep", overrides=overrides)
+    if scan:
+        assert kept.params["llm"]["layers"]["attn"]["qkv_proj"]["lora_a"].shape[0] == LAYERS
     ck.export_checkpoint(tmp_path / "jax", tmp_path / "merged", lora="merged")
     ck.export_checkpoint(tmp_path / "jax", tmp_path / "adapter", lora="adapter")
     merged = SafetensorsReader(tmp_path / "merged")
@@ -396,7 +404,7 @@ def test_lora_export_merges_exactly_and_adapter_roundtrips(split, tmp_path):
             assert np.abs(merged[w] - base[w]).max() > 1e-4     # the adapter really changed it
             n += 1
     assert n == 2 * LAYERS
-    again = ck.import_checkpoint(tmp_path / "adapter", lora="keep")
+    again = ck.import_checkpoint(tmp_path / "adapter", lora="keep", overrides=overrides)
     assert again.config == kept.config
     for path, leaf in flatten(kept.params).items():
         np.testing.assert_array_equal(flatten(again.params)[path], leaf, err_msg="/".join(path))

@@ -74,26 +74,40 @@ def test_tiny_train_step_compiles_for_a_tpu_topology():
     assert "total" in text and "FLOPs per step" in text and "MFU" in text
 
 
-def test_flops_count_every_frame_chunk():
-    """XLA's cost analysis counts a loop body once; the vision tower's frame-chunk scan runs C
-    times. The report counts every chunk: chunked and unchunked steps have the same FLOPs."""
+def test_flops_count_every_loop():
+    """XLA's cost analysis counts a loop body once; the report counts every loop (frame
+    chunks, scanned layer stacks, micro-batches) by its trip count, so the chunked, the
+    scanned and the plain step have the same FLOPs, and on the plain step the count is XLA's."""
     require_libtpu()
     devices = cc.topology_devices(TOPOLOGY)
-    reports = {}
-    for chunks in (1, 2):
+
+    def variant(chunks=1, scan=False):
         config = tiny_config()
+        config.model.video.vision.depth = config.model.video.vision.output_layer = 2
+        config.model.video.qformer.num_layers = 2
         config.model.video.vision.frame_chunks = chunks
-        reports[chunks] = cc.check(config, topology=TOPOLOGY, stage="sft", devices=devices)
-        assert reports[chunks].error is None, reports[chunks].error
-    one, two = reports[1], reports[2]
-    from d2vlm_jax.config import model_config
-    frames = one.batch_shapes["frames"][0] * one.batch_shapes["frames"][1]
-    half_tower = cc.vision_tower_flops(model_config(tiny_config()).video.vision, frames) / 2
-    # the correction matters here (what a single count of the loop body would drop) ...
-    assert half_tower / one.step_flops > 0.02
-    # ... and with it the two programs agree far closer than that
-    assert two.step_flops == pytest.approx(one.step_flops, rel=0.005)
-    assert two.model_flops == pytest.approx(one.model_flops, rel=1e-6)
+        config.model.scan_layers = scan
+        report = cc.check(config, topology=TOPOLOGY, stage="sft", devices=devices)
+        assert report.error is None, report.error
+        return report
+
+    plain, chunked, scanned = variant(), variant(chunks=2), variant(scan=True)
+    # the loop-free program: the HLO count is XLA's own
+    assert plain.flops_per_device == pytest.approx(plain.xla_flops_per_device, rel=0.01)
+    # XLA drops what the loops repeat (one frame chunk; all but one layer per stack) ...
+    assert chunked.xla_flops_per_device < 0.98 * plain.xla_flops_per_device
+    assert scanned.xla_flops_per_device < 0.9 * plain.xla_flops_per_device
+    # ... the report does not: 2 chunks, and loops of 2 layers, 2 blocks, 1 Q-Former block
+    assert 2 in chunked.loop_trip_counts and scanned.loop_trip_counts.count(2) >= 2
+    assert chunked.step_flops == pytest.approx(plain.step_flops, rel=0.005)
+    assert scanned.step_flops == pytest.approx(plain.step_flops, rel=0.02)
+    # model FLOPs are those of the program as written, whatever the loops
+    assert chunked.model_flops == pytest.approx(plain.model_flops, rel=1e-6)
+    assert scanned.model_flops == pytest.approx(plain.model_flops, rel=1e-6)
+    # the compile's host cost is measured
+    assert plain.compile_seconds > 0 and plain.host_peak_rss_bytes > 100e6
+    assert plain.host_peak_rss_scope == "compile"  # Linux: VmHWM reset before each plan
+    assert "host peak RSS" in plain.format()
 
 
 def test_plan_that_cannot_fit_is_reported_with_its_shortfall():
@@ -134,6 +148,9 @@ def test_topology_parsing_and_sweep_plans():
     assert plans and all((p.batch_size // p.micro_batches) % (p.mesh[0] * p.mesh[1]) == 0 for p in plans)
     assert {p.remat_policy for p in plans} == {"none", "full"}
     assert (4, 1, 1) in {p.mesh for p in plans} and (1, 4, 1) in {p.mesh for p in plans}
+    swept = cc.sweep_plans(config, "sft", 4, meshes=[(1, 4, 1)], remat_policies=("full",), batch_sizes=[4, 8])
+    assert {p.batch_size for p in swept} == {4, 8}
+    assert all(p.batch_size % p.micro_batches == 0 and (p.batch_size // p.micro_batches) % 4 == 0 for p in swept)
 
 
 def test_total_is_the_larger_of_the_parts_and_the_peak():
@@ -151,3 +168,37 @@ def test_total_is_the_larger_of_the_parts_and_the_peak():
     large_parts = report(argument_bytes=4 * cc.GIB, temp_bytes=13 * cc.GIB, peak_bytes=10 * cc.GIB)
     assert large_parts.total_bytes == 17 * cc.GIB and not large_parts.fits
     assert report(argument_bytes=4 * cc.GIB, temp_bytes=8 * cc.GIB, peak_bytes=12 * cc.GIB).fits
+
+
+def test_hlo_flop_counter_multiplies_loop_bodies_by_their_trip_counts():
+    """On the host CPU: a 6-step scan and its unrolled twin, forward and backward."""
+    from d2vlm_jax import hlo_cost
+    import jax.numpy as jnp
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda x, wi: (jnp.tanh(x @ wi), None), x, w)[0].sum()
+
+    def unrolled(w, x):
+        for i in range(w.shape[0]):
+            x = jnp.tanh(x @ w[i])
+        return x.sum()
+
+    w, x = jnp.ones((6, 64, 64)), jnp.ones((32, 64))
+    matmuls = 6 * 2 * 32 * 64 * 64
+    counts = {}
+    for name, fn in (("scan", scanned), ("unrolled", unrolled), ("scan grad", jax.grad(scanned)),
+                     ("unrolled grad", jax.grad(unrolled))):
+        compiled = jax.jit(fn).lower(w, x).compile()
+        flops, loops = hlo_cost.program_flops(compiled.as_text())
+        xla = compiled.cost_analysis()
+        xla = (xla[0] if isinstance(xla, (list, tuple)) else xla)["flops"]
+        counts[name] = (flops, loops, xla)
+    assert counts["unrolled"][1] == [] and counts["unrolled"][0] == pytest.approx(counts["unrolled"][2], rel=0.01)
+    assert counts["unrolled grad"][0] == pytest.approx(counts["unrolled grad"][2], rel=0.01)
+    assert [n for _, n in counts["scan"][1]] == [6] and counts["scan"][2] < 0.5 * matmuls  # XLA: body once
+    assert counts["scan"][0] == pytest.approx(counts["unrolled"][0], rel=0.03)
+    # (the scanned backward does a little more elementwise work around these tiny matmuls)
+    assert counts["scan grad"][0] == pytest.approx(counts["unrolled grad"][0], rel=0.05)
+    assert counts["scan"][0] >= matmuls
+    with pytest.raises(hlo_cost.HloParseError, match="no ENTRY"):
+        hlo_cost.program_flops("HloModule empty\n")

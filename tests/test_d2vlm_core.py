@@ -11,13 +11,19 @@ import numpy as np
 import pytest
 
 from d2vlm_jax import losses, objective, partition, sharding, testing
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.d2vlm import D2VLM, ForwardOutputs, forward, init_variables
 
 LOSS = losses.LossConfig(normalization="token")   # the by-hand sums below are token means
 
 
 @functools.lru_cache(maxsize=None)
-def setup(family="phi3"):
+def setup(family="phi3", scan=False):
+    """(config, batch, params); ``scan``: the same parameters stacked, layers scanned."""
+    if scan:
+        config, batch, params = setup(family)
+        config = config.with_scan_layers(True)
+        return config, batch, stacking.to_layout(params, config.layer_stacks)
     config = testing.tiny_d2vlm_config(family=family)
     batch = testing.random_batch(config, seed=0, rejected=2)
     params = sharding.unbox(init_variables(config, jax.random.key(0), batch))["params"]
@@ -43,9 +49,13 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+@SCAN
 @pytest.mark.parametrize("stage", ["sft", "fpo"])
-def test_single_pass_equals_two_pass_loss_and_gradients(stage):
-    config, batch, params = setup()
+def test_single_pass_equals_two_pass_loss_and_gradients(stage, scan):
+    config, batch, params = setup(scan=scan)
     trainable, frozen = partition.split(params, partition.D2VLM_TRAINABLE)
     results = {}
     for mode in ("single_pass", "two_pass"):
@@ -71,6 +81,8 @@ def test_single_pass_equals_two_pass_loss_and_gradients(stage):
     assert leaf_rel <= 1e-5
     # the gradient reaches the evidence path: frame states feed the injected <evi> embeddings
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g1["video"]["compressor"]["v_proj"])) > 0
+    if scan:
+        assert "layers" in g1["llm"] and "layers_0" not in g1["llm"]
 
 
 def test_soft_targets_and_bce_by_hand():
@@ -240,12 +252,18 @@ def test_padding_never_changes_the_loss():
     np.testing.assert_allclose(loss_row, loss, rtol=1e-5)
 
 
-def test_sharded_loss_and_grad_equal_unsharded():
+@SCAN
+def test_sharded_loss_and_grad_equal_unsharded(scan):
+    """The unrolled model on one device against the model (unrolled or scanned, the same
+    parameters stacked) sharded over data x fsdp x tensor."""
     config, _, params = setup()
     batch = testing.random_batch(config, seed=3, batch=4, rejected=2)  # 4 rows over data x fsdp = 4
     trainable, frozen = partition.split(params, partition.D2VLM_TRAINABLE)
     f = jax.value_and_grad(loss_fn(config, "fpo"), has_aux=True)
     (loss, _), grads = jax.jit(f)(trainable, frozen, batch)
+    config, _, params = setup(scan=scan)
+    trainable, frozen = partition.split(params, partition.D2VLM_TRAINABLE)
+    f = jax.value_and_grad(loss_fn(config, "fpo"), has_aux=True)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     abstract = jax.eval_shape(lambda: init_variables(config, jax.random.key(0), batch))
     shard = sharding.shardings_for(abstract, mesh, config.llm.sharding_rules)["params"]
@@ -258,6 +276,8 @@ def test_sharded_loss_and_grad_equal_unsharded():
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(grads_s))  # really sharded
     assert not global_batch["frames"].sharding.is_fully_replicated
     assert rel(loss_s, loss) <= 1e-5
+    grads_s = stacking.to_layout(grads_s, config.with_scan_layers(False).layer_stacks)
+    assert jax.tree.structure(grads_s) == jax.tree.structure(grads)
     for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

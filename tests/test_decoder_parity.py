@@ -1,4 +1,5 @@
-"""Decoder parity with HF transformers (Phi-3, Llama, Qwen2) built from tiny random configs."""
+"""Decoder parity with HF transformers (Phi-3, Llama, Qwen2) built from tiny random configs,
+with the layers unrolled and scanned (``scan``: HF weights loaded into the stacked layout)."""
 from __future__ import annotations
 
 import jax
@@ -12,8 +13,8 @@ from d2vlm_jax import sharding
 from d2vlm_jax.models import attention as attn_lib
 from d2vlm_jax.models import lora as lora_lib
 from d2vlm_jax.models.decoder import Decoder, KVCache, init_decoder
-from d2vlm_jax.weights.common import SafetensorsReader, export_with_rules
-from d2vlm_jax.weights.hf_decoder import config_from_hf, decoder_rules, load_decoder, resize_vocab
+from d2vlm_jax.weights.common import SafetensorsReader
+from d2vlm_jax.weights.hf_decoder import config_from_hf, export_decoder, load_decoder, resize_vocab
 from tests.torch_utils import additive_mask, max_rel_err, save_state_dict
 
 TOL = 1e-4
@@ -34,7 +35,10 @@ MODEL_CLS = {"phi3": transformers.Phi3ForCausalLM, "llama": transformers.LlamaFo
              "qwen2": transformers.Qwen2ForCausalLM}
 
 
-def build_pair(family, tmp_path, **overrides):
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+def build_pair(family, tmp_path, scan=False, **overrides):
     """A random torch model and the same weights loaded into the Flax decoder."""
     torch.manual_seed(0)
     hf_config = HF[family]()
@@ -44,7 +48,7 @@ def build_pair(family, tmp_path, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    config = config_from_hf(hf_config.to_dict(), **overrides)
+    config = config_from_hf(hf_config.to_dict(), scan_layers=scan, **overrides)
     reader = SafetensorsReader(save_state_dict(model, str(tmp_path / family)))
     target = lora_lib.strip_lora(sharding.unbox(jax.eval_shape(lambda: init_decoder(config, jax.random.key(0))))["params"])
     params = load_decoder(reader, config, target)
@@ -65,8 +69,9 @@ def run_torch(model, ids, positions=None, mask4d=None):
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama", "qwen2"])
-def test_causal_logits_and_hidden_states_match_transformers(family, tmp_path):
-    model, config, params = build_pair(family, tmp_path)
+@SCAN
+def test_causal_logits_and_hidden_states_match_transformers(family, tmp_path, scan):
+    model, config, params = build_pair(family, tmp_path, scan)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (2, 11))
     positions = np.broadcast_to(np.arange(11), (2, 11))
@@ -101,8 +106,9 @@ def packed_layout():
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama", "qwen2"])
-def test_frame_block_and_branches_match_transformers_4d_mask(family, tmp_path):
-    model, config, params = build_pair(family, tmp_path)
+@SCAN
+def test_frame_block_and_branches_match_transformers_4d_mask(family, tmp_path, scan):
+    model, config, params = build_pair(family, tmp_path, scan)
     layout, positions = packed_layout()
     ids = np.random.default_rng(1).integers(0, config.vocab_size, positions.shape)
     out = run_jax(config, params, ids, positions, layout)
@@ -124,8 +130,9 @@ def test_frame_block_and_branches_match_transformers_4d_mask(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen2"])
-def test_prefill_then_incremental_decoding_equals_full_pass(family, tmp_path):
-    _, config, params = build_pair(family, tmp_path)
+@SCAN
+def test_prefill_then_incremental_decoding_equals_full_pass(family, tmp_path, scan):
+    _, config, params = build_pair(family, tmp_path, scan)
     t, prefill = 12, 7
     ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, t))
     positions = np.broadcast_to(np.arange(t), (2, t))
@@ -152,8 +159,9 @@ def test_prefill_then_incremental_decoding_equals_full_pass(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama", "qwen2"])
-def test_lora_forward_matches_transformers_with_merged_weights(family, tmp_path):
-    model, base_config, base_params = build_pair(family, tmp_path)
+@SCAN
+def test_lora_forward_matches_transformers_with_merged_weights(family, tmp_path, scan):
+    model, base_config, base_params = build_pair(family, tmp_path, scan)
     config = base_config.__class__(**{**base_config.__dict__, "lora_rank": 4, "lora_alpha": 8.0})
     full = sharding.unbox(init_decoder(config, jax.random.key(3)))["params"]
     params = lora_lib.graft(base_params, full)
@@ -171,7 +179,7 @@ def test_lora_forward_matches_transformers_with_merged_weights(family, tmp_path)
     merged = lora_lib.merge_lora(params, config.lora_alpha, config.lora_rank)
     merged_out = run_jax(config, merged, ids, positions, layout)
     np.testing.assert_allclose(merged_out.logits, out.logits, rtol=1e-5, atol=1e-5)
-    state = export_with_rules(lora_lib.strip_lora(merged), decoder_rules(base_config))
+    state = export_decoder(lora_lib.strip_lora(merged), base_config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     ref_logits, _ = run_torch(model, ids)
     err = max_rel_err(out.logits, ref_logits)

@@ -19,6 +19,7 @@ from d2vlm_jax import sharding, testing
 from d2vlm_jax.evaluation.intervals import select_interval
 from d2vlm_jax.inference import decode
 from d2vlm_jax.models import attention as attn_lib
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.d2vlm import (D2VLM, build_prefix_embeds, gather_slots, init_variables, inject_evidence,
                                     prefix_layout)
 
@@ -38,10 +39,15 @@ def make_batch(config, seed):
 
 
 @functools.lru_cache(maxsize=None)
-def setup():
+def setup(scan=False):
     """Tiny model with random parameters: decisive logits, grounding curves with contrast,
     and an LM-head column for <evi> close to that of a token the model likes (so <evi> gets
-    emitted and injection changes what follows)."""
+    emitted and injection changes what follows). ``scan``: the same parameters, stacked, in
+    the model with scanned layers."""
+    if scan:
+        config, batch, variables = setup()
+        config = config.with_scan_layers(True)
+        return config, batch, stacking.to_layout(variables, config.layer_stacks)
     config = testing.tiny_d2vlm_config()
     batch = make_batch(config, 0)
     # random parameters straight from the shapes (an eager or jitted init costs 10-20 s here):
@@ -69,17 +75,17 @@ def row(batch, r):
 
 
 @functools.lru_cache(maxsize=None)
-def generate_fn(**kwargs):
-    config, _, _ = setup()
+def generate_fn(scan=False, **kwargs):
+    config, _, _ = setup(scan)
     cfg = decode.DecodeConfig(max_new_tokens=STEPS, evi_token_id=EVI, end_token_id=END, return_probabilities=True,
                               **kwargs)
     return decode.make_generate_fn(D2VLM(config), cfg)
 
 
 @functools.lru_cache(maxsize=None)
-def greedy_output():
-    _, batch, variables = setup()
-    return jax.device_get(generate_fn()(variables, batch))
+def greedy_output(scan=False):
+    _, batch, variables = setup(scan)
+    return jax.device_get(generate_fn(scan)(variables, batch))
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -166,9 +172,12 @@ def naive_generate(variables, batch_row, repetition_penalty=1.0, *, penalize_pro
 # ----------------------------------------------------------------------------- tests
 
 
-def test_greedy_decoding_equals_naive_reference():
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_greedy_decoding_equals_naive_reference(scan):
+    """The cached decoder (layers unrolled or scanned, stacked KV cache) against the unrolled
+    model run from scratch at every step."""
     _, batch, variables = setup()
-    out = greedy_output()
+    out = greedy_output(scan)
     rows = decode.unbatch(out, EVI)[:3]
     total_evi = 0
     for r, result in enumerate(rows):
@@ -290,10 +299,11 @@ def test_batched_decoding_equals_one_at_a_time():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_no_recompilation_with_same_shapes():
-    config, batch, variables = setup()
-    fn = generate_fn()
-    greedy_output()  # compiled
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_no_recompilation_with_same_shapes(scan):
+    config, batch, variables = setup(scan)
+    fn = generate_fn(scan)
+    greedy_output(scan)  # compiled
     other = make_batch(config, 5)
     cache_entries = fn.jitted._cache_size()
     with decode.count_compilations() as compiles:

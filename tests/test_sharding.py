@@ -1,6 +1,9 @@
 """Sharding core on 8 fake CPU devices: mesh, golden parameter specs, sharded == unsharded."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from d2vlm_jax import sharding
 from d2vlm_jax.models import attention as attn_lib
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.decoder import Decoder, DecoderConfig, init_decoder
 
 CONFIG = DecoderConfig(family="phi3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -70,32 +74,40 @@ def test_indivisible_dimension_is_replicated_not_an_error():
     assert spec == P(None, "fsdp")
 
 
-def test_sharded_forward_equals_unsharded():
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_sharded_forward_equals_unsharded(scan):
+    """The unrolled decoder on one device against the decoder (unrolled or scanned, with the
+    same parameters stacked) sharded over data x fsdp x tensor."""
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     variables = init_decoder(CONFIG, jax.random.key(1))
-    abstract = jax.eval_shape(lambda: init_decoder(CONFIG, jax.random.key(1)))
     params = sharding.unbox(variables)
     params = jax.tree.map(lambda x: x + 0.05, params)  # nonzero LoRA B
+    config = dataclasses.replace(CONFIG, scan_layers=scan)
+    abstract = jax.eval_shape(lambda: init_decoder(config, jax.random.key(1)))
     param_shardings = sharding.shardings_for(abstract, mesh, CONFIG.sharding_rules)
     ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 10)).astype(np.int32)
     valid = np.ones((4, 10), bool)
     valid[3, 7:] = False
 
-    def forward(p, batch):
+    def forward(p, batch, config=CONFIG):
         layout = attn_lib.SequenceLayout.causal(batch["valid"])
         positions = attn_lib.positions_from_valid(batch["valid"])
-        return Decoder(CONFIG).apply(p, input_ids=batch["ids"], positions=positions, layout=layout).logits
+        return Decoder(config).apply(p, input_ids=batch["ids"], positions=positions, layout=layout).logits
 
     expected = jax.jit(forward)(params, {"ids": ids, "valid": valid})
-    sharded_params = jax.device_put(params, param_shardings)
+    sharded_params = jax.device_put(stacking.to_layout(params, [config.layer_stack]), param_shardings)
     batch = sharding.host_batch_to_global({"ids": ids, "valid": valid}, mesh)
     assert batch["ids"].sharding.spec == P(("data", "fsdp"))
     with jax.set_mesh(mesh):
-        fn = jax.jit(forward)
+        fn = jax.jit(functools.partial(forward, config=config))
         actual = fn(sharded_params, batch)
         hlo = fn.lower(sharded_params, batch).as_text()
-    # the activation constraints of the decoder are really in the program
-    assert hlo.count("sdy.sharding_constraint") >= CONFIG.num_layers
+    # the activation constraints of the decoder are really in the program (scanned: in the
+    # loop body, residual stream and MLP, once for every layer)
+    assert hlo.count("sdy.sharding_constraint") >= (2 if scan else CONFIG.num_layers)
+    if scan:
+        assert sharded_params["params"]["layers"]["mlp"]["gate_up_proj"]["kernel"].sharding.spec == P(
+            None, "fsdp", "tensor")
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-5)
     assert sharded_params["params"]["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
 

@@ -99,46 +99,88 @@ def test_smoke_run_sft_fpo_eval(tmp_path, data_dir):
     assert history[-1]["event"] == "overwritten" and history[-1]["config"]["sft"]["steps"] == 2
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bit_exact(tmp_path, data_dir):
-    common = ["--config.stages=('sft',)", "--config.final_eval=False", "--config.sft.steps=8",
-              "--config.checkpoint.every_steps=3", "--config.log_example_ids=True"]
-    ref = launch(tmp_path / "ref", data_dir, *common)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+RESUME_FLAGS = ["--config.stages=('sft',)", "--config.final_eval=False", "--config.sft.steps=8",
+                "--config.checkpoint.every_steps=3", "--config.log_example_ids=True"]
 
-    proc = launch(tmp_path / "killed", data_dir, *common, "--config.checkpoint.async_save=False", wait=False)
-    ckpt6 = tmp_path / "killed" / "sft" / "checkpoints" / "6"
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+    """8 uninterrupted SFT steps (layers unrolled), checkpoints every 3 steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    ref = launch(workdir / "ref", data_dir, *RESUME_FLAGS)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    return workdir / "ref"
+
+
+def kill_after_step_6(workdir, data_dir):
+    proc = launch(workdir, data_dir, *RESUME_FLAGS, "--config.checkpoint.async_save=False", wait=False)
+    ckpt6 = workdir / "sft" / "checkpoints" / "6"
     deadline = time.time() + 300
     while not ckpt6.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert ckpt6.exists(), "no checkpoint at step 6 appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert not (tmp_path / "killed" / "sft" / "DONE.json").exists(), "the run finished before the kill"
-    resumed = launch(tmp_path / "killed", data_dir, *common)
+    assert not (workdir / "sft" / "DONE.json").exists(), "the run finished before the kill"
+
+
+def losses_by_step(workdir):
+    return {r["step"]: r["loss/total"] for r in read_metrics(workdir / "sft" / "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(tmp_path, data_dir, reference_run):
+    kill_after_step_6(tmp_path / "killed", data_dir)
+    resumed = launch(tmp_path / "killed", data_dir, *RESUME_FLAGS)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout
 
     # same parameters, bitwise
-    a, b = load_export(tmp_path / "ref", "sft"), load_export(tmp_path / "killed", "sft")
+    a, b = load_export(reference_run, "sft"), load_export(tmp_path / "killed", "sft")
     import jax
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     # same loss curve after the resume point
-    ref_loss = {r["step"]: r["loss/total"] for r in read_metrics(tmp_path / "ref" / "sft" / "metrics.jsonl")}
-    res_loss = {r["step"]: r["loss/total"] for r in read_metrics(tmp_path / "killed" / "sft" / "metrics.jsonl")}
+    ref_loss, res_loss = losses_by_step(reference_run), losses_by_step(tmp_path / "killed")
     for step in (7, 8):
         assert res_loss[step] == ref_loss[step]
     # the data stream: steps 7, 8 consumed exactly the reference's samples, nothing repeated
     def steps(path):
         rows = [json.loads(line) for line in open(path)]
         return {r["step"]: r["example_id"] for r in rows}
-    ref_ex = steps(tmp_path / "ref" / "sft" / "examples.process_0.jsonl")
+    ref_ex = steps(reference_run / "sft" / "examples.process_0.jsonl")
     got = [json.loads(line) for line in open(tmp_path / "killed" / "sft" / "examples.process_0.jsonl")]
     after_resume = [r for r in got if r["step"] > 6]
     assert [r["step"] for r in after_resume][-2:] == [7, 8]
     for r in after_resume[-2:]:
         assert r["example_id"] == ref_ex[r["step"]]
+
+
+@pytest.mark.slow
+def test_unrolled_checkpoint_resumes_with_scanned_layers(tmp_path, data_dir, reference_run):
+    """A run killed with its layers unrolled resumes with ``model.scan_layers=True``: the train
+    state (params, Adam moments) and the frozen params are stacked on restore, and training
+    continues as the uninterrupted unrolled run does."""
+    kill_after_step_6(tmp_path / "killed", data_dir)
+    resumed = launch(tmp_path / "killed", data_dir, *RESUME_FLAGS, "--config.model.scan_layers=True")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stdout
+    ref_loss, res_loss = losses_by_step(reference_run), losses_by_step(tmp_path / "killed")
+    for step in (7, 8):
+        assert abs(res_loss[step] - ref_loss[step]) <= 1e-5 * abs(ref_loss[step]), step
+    from d2vlm_jax.models import stacking
+    from d2vlm_jax.weights.d2vlm_checkpoint import load_model_config
+    export = tmp_path / "killed" / "sft" / "export"
+    scanned_cfg = load_model_config(export)
+    assert scanned_cfg.llm.scan_layers and scanned_cfg.video.qformer.scan_layers
+    got = load_export(tmp_path / "killed", "sft")
+    assert "layers" in got["llm"] and "blocks" in got["video"]["vision"]
+    got = stacking.to_layout(got, scanned_cfg.with_scan_layers(False).layer_stacks)
+    want = load_export(reference_run, "sft")
+    import jax
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_configs_fail_with_named_fields(tmp_path, data_dir):

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from d2vlm_jax import sharding
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.compressor import CompressorConfig, FrameCompressor
 from d2vlm_jax.models.layers import path_str
 from d2vlm_jax.models.qformer import QFormerConfig
@@ -25,9 +26,17 @@ IMAGE, D_LLM, L = 28, 40, 6
 CONFIG = VideoEncoderConfig(
     vision=VisionConfig(image_size=IMAGE, patch_size=14, width=48, depth=3, num_heads=4, mlp_dim=64,
                         output_layer=-2),
-    qformer=QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, vocab_size=50,
+    qformer=QFormerConfig(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, vocab_size=50,
                           max_position_embeddings=16, num_queries=4, encoder_width=48),
     compressor=CompressorConfig(query_dim=32, vision_dim=48, out_dim=D_LLM))
+SCANNED = dataclasses.replace(CONFIG, vision=dataclasses.replace(CONFIG.vision, scan_layers=True),
+                              qformer=dataclasses.replace(CONFIG.qformer, scan_layers=True))
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+def as_config(config, params):
+    """The encoder of ``config`` (layers unrolled or scanned) and ``params`` in its layout."""
+    return VideoEncoder(config), stacking.to_layout(params, config.layer_stacks)
 
 
 def _random_params(abstract, seed: int, scale: float = 0.1):
@@ -153,12 +162,16 @@ def test_vision_tower_is_not_differentiated(encoder):
 # ----------------------------------------------------------------------------- sharding
 
 
-def test_sharded_equals_unsharded(encoder):
-    model, _, params, apply = encoder
+@SCAN
+def test_sharded_equals_unsharded(encoder, scan):
+    """The unrolled encoder on one device against the encoder (unrolled or scanned, the same
+    parameters stacked) on a 2x2x2 mesh."""
+    _, _, params, apply = encoder
     b, n = 4, 2                                              # 8 frames
     frames, ids, valid = _inputs(b, n, seed=6)
     frame_valid = np.array([[True, True], [True, False], [True, True], [False, False]])
     expected = np.asarray(apply(params, frames, frame_valid, ids, valid))
+    model, params = as_config(SCANNED if scan else CONFIG, params)
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = sharding.DEFAULT_RULES
@@ -192,20 +205,23 @@ def test_frames_constraint_shards_vision_output():
     assert out.sharding.spec == PartitionSpec(("data", "fsdp")), out.sharding.spec
 
 
-@pytest.mark.parametrize("chunks", [2, 3])
-def test_frame_chunks_equal_all_frames_at_once(encoder, chunks):
+@pytest.mark.parametrize("chunks,scan", [(2, False), (3, False), (2, True)])
+def test_frame_chunks_equal_all_frames_at_once(encoder, chunks, scan):
     """The tower run over frame chunks (a scan) has the same parameter tree and gives the same
-    tokens as all frames at once, unsharded and on a 2x2x2 mesh; 3 chunks of 8 frames pads."""
-    model, abstract, params, apply = encoder
-    chunked = VideoEncoder(dataclasses.replace(CONFIG, vision=dataclasses.replace(CONFIG.vision,
-                                                                                   frame_chunks=chunks)))
+    tokens as all frames at once, unsharded and on a 2x2x2 mesh; 3 chunks of 8 frames pads.
+    ``scan``: the blocks scanned inside the chunk scan (the unrolled encoder as reference)."""
+    _, abstract, params, apply = encoder
+    base = SCANNED if scan else CONFIG
+    abstract = stacking.to_layout(abstract, base.layer_stacks)
     frames, ids, valid = _inputs(4, 2, seed=9)
     frame_valid = np.ones((4, 2), bool)
+    expected = np.asarray(apply(params, frames, frame_valid, ids, valid))
+    _, params = as_config(base, params)
+    chunked = VideoEncoder(dataclasses.replace(base, vision=dataclasses.replace(base.vision, frame_chunks=chunks)))
     chunked_abstract = jax.eval_shape(lambda *a: chunked.init(jax.random.key(0), *a)["params"],
                                       frames, frame_valid, ids, valid)
     assert jax.tree.map(lambda a: a.shape, sharding.unbox(chunked_abstract)) == \
         jax.tree.map(lambda a: a.shape, sharding.unbox(abstract))
-    expected = np.asarray(apply(params, frames, frame_valid, ids, valid))
     out = np.asarray(jax.jit(lambda p, *a: chunked.apply({"params": p}, *a))(params, frames, frame_valid, ids, valid))
     assert max_rel_err(out, expected) <= 1e-5
 
@@ -234,30 +250,33 @@ def test_frame_chunks_must_be_positive():
 # ----------------------------------------------------------------------------- loading / trainable table
 
 
-def test_authors_checkpoint_roundtrip_and_hf_keeps_compressor(encoder, tmp_path):
+@SCAN
+def test_authors_checkpoint_roundtrip_and_hf_keeps_compressor(encoder, tmp_path, scan):
     from safetensors.numpy import save_file
 
     from d2vlm_jax.weights.common import SafetensorsReader
     _, abstract, params, _ = encoder
-    np_params = jax.tree.map(np.asarray, params)
-    authors = export_params(np_params, video_encoder_rules(CONFIG, "authors"))
+    config = SCANNED if scan else CONFIG
+    abstract = stacking.to_layout(sharding.unbox(abstract), config.layer_stacks)
+    np_params = stacking.to_layout(jax.tree.map(np.asarray, params), config.layer_stacks)
+    authors = export_params(np_params, video_encoder_rules(CONFIG, "authors"), config.layer_stacks)
     assert "model.qformer_q_proj.0.weight" in authors and "model.qformer_v_proj.1.bias" in authors
     assert "model.vision_tower.vision_tower.blocks.1.attn.q_bias" in authors
     assert "model.vision_tower.vision_tower.blocks.2.attn.q_bias" not in authors  # output_layer=-2
     authors["model.layers.0.self_attn.qkv_proj.weight"] = np.zeros((3, 3), np.float32)  # an LLM key
     save_file(authors, str(tmp_path / "authors.safetensors"))
-    loaded, ignored = load_video_encoder(SafetensorsReader(str(tmp_path / "authors.safetensors")), CONFIG,
+    loaded, ignored = load_video_encoder(SafetensorsReader(str(tmp_path / "authors.safetensors")), config,
                                          "authors", abstract)
     assert ignored == ["model.layers.0.self_attn.qkv_proj.weight"]
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(np_params)):
         np.testing.assert_array_equal(a, b)
 
-    hf = export_params(np_params, video_encoder_rules(CONFIG, "hf"))
+    hf = export_params(np_params, video_encoder_rules(CONFIG, "hf"), config.layer_stacks)
     save_file(hf, str(tmp_path / "hf.safetensors"))
     with pytest.raises(CheckpointError, match="compressor"):
-        load_video_encoder(SafetensorsReader(str(tmp_path / "hf.safetensors")), CONFIG, "hf", abstract)
+        load_video_encoder(SafetensorsReader(str(tmp_path / "hf.safetensors")), config, "hf", abstract)
     fresh = _random_params(abstract, 9)
-    loaded, _ = load_video_encoder(SafetensorsReader(str(tmp_path / "hf.safetensors")), CONFIG, "hf", fresh)
+    loaded, _ = load_video_encoder(SafetensorsReader(str(tmp_path / "hf.safetensors")), config, "hf", fresh)
     for a, b in zip(jax.tree.leaves(loaded["compressor"]), jax.tree.leaves(fresh["compressor"])):
         np.testing.assert_array_equal(a, b)
     for part in ("vision", "qformer"):

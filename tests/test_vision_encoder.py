@@ -19,7 +19,7 @@ from tests.torch_utils import max_rel_err
 
 TOL = 1e-4
 WIDTH, HEADS, MLP, IMAGE, PATCH, DEPTH = 32, 4, 64, 28, 14, 3
-QH, QHEADS, QFFN, QLAYERS, NQ, VOCAB, MAXPOS, ENC = 32, 4, 64, 3, 4, 50, 16, 48
+QH, QHEADS, QFFN, QLAYERS, NQ, VOCAB, MAXPOS, ENC = 32, 4, 64, 4, 4, 50, 16, 48  # 4 layers: 2 scanned blocks
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -79,9 +79,12 @@ def _authors_vision_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _vision_config(output_layer: int) -> VisionConfig:
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+def _vision_config(output_layer: int, scan: bool = False) -> VisionConfig:
     return VisionConfig(image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=DEPTH, num_heads=HEADS,
-                        mlp_dim=MLP, output_layer=output_layer)
+                        mlp_dim=MLP, output_layer=output_layer, scan_layers=scan)
 
 
 def _vision_target(cfg: VisionConfig):
@@ -99,15 +102,20 @@ def _hf_pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
+@SCAN
 @pytest.mark.parametrize("output_layer,hf_index", [(2, 2), (-2, 2), (-1, 3)])
-def test_vision_parity_with_hf(hf_vision, tmp_path, output_layer, hf_index):
-    cfg = _vision_config(output_layer)
+def test_vision_parity_with_hf(hf_vision, tmp_path, output_layer, hf_index, scan):
+    cfg = _vision_config(output_layer, scan)
     assert cfg.num_blocks_run == hf_index
     path = _save(_vision_state(hf_vision), str(tmp_path / "vision.safetensors"))
     params, ignored = load_with_rules(SafetensorsReader(path), vision_rules(cfg, "hf", flax_prefix=()),
-                                      _vision_target(cfg), ignore_unused=lambda k: True)
+                                      _vision_target(cfg), ignore_unused=lambda k: True, stacks=(cfg.layer_stack,))
     # Blocks past output_layer are neither created nor loaded.
-    assert set(k for k in params if k.startswith("blocks_")) == {f"blocks_{i}" for i in range(hf_index)}
+    if scan:
+        assert not any(k.startswith("blocks_") for k in params)
+        assert all(x.shape[0] == hf_index for x in jax.tree.leaves(params["blocks"]))
+    else:
+        assert set(k for k in params if k.startswith("blocks_")) == {f"blocks_{i}" for i in range(hf_index)}
     assert "vision_model.post_layernorm.weight" in ignored
     frames = _frames(3, 0)
     out = np.asarray(VisionTower(cfg).apply({"params": params}, jnp.asarray(frames)))
@@ -148,17 +156,20 @@ def test_vision_authors_layout_loads_identical_params(hf_vision, tmp_path):
     assert "model.vision_tower.vision_tower.norm.weight" in ignored
 
 
-def test_vision_export_roundtrip(hf_vision, tmp_path):
+@SCAN
+def test_vision_export_roundtrip(hf_vision, tmp_path, scan):
     """Exporting the loaded params reproduces the checkpoint tensors (key bias -> zeros)."""
-    cfg = _vision_config(-1)
+    cfg = _vision_config(-1, scan)
     state = _vision_state(hf_vision)
     with torch.no_grad():  # a zero key bias makes HF's fused bias exactly representable
         for i in range(DEPTH):
             state[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"][WIDTH:2 * WIDTH] = 0
     path = _save(state, str(tmp_path / "hf.safetensors"))
     rules = vision_rules(cfg, "hf", flax_prefix=())
-    params, _ = load_with_rules(SafetensorsReader(path), rules, _vision_target(cfg), ignore_unused=lambda k: True)
-    exported = export_params(params, rules)
+    stacks = (cfg.layer_stack,)
+    params, _ = load_with_rules(SafetensorsReader(path), rules, _vision_target(cfg), ignore_unused=lambda k: True,
+                                stacks=stacks)
+    exported = export_params(params, rules, stacks)
     for key, value in exported.items():
         np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
     assert set(state) - set(exported) == {"vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias"}
@@ -207,10 +218,10 @@ def hf_qformer():
     return model, query_tokens, ln_vision
 
 
-def _qformer_config() -> QFormerConfig:
+def _qformer_config(scan: bool = False) -> QFormerConfig:
     return QFormerConfig(hidden_size=QH, num_layers=QLAYERS, num_heads=QHEADS, intermediate_size=QFFN,
                          vocab_size=VOCAB, max_position_embeddings=MAXPOS, num_queries=NQ,
-                         cross_attention_frequency=2, encoder_width=ENC, ln_vision_eps=1e-5)
+                         cross_attention_frequency=2, encoder_width=ENC, ln_vision_eps=1e-5, scan_layers=scan)
 
 
 def _qformer_target(cfg: QFormerConfig):
@@ -255,19 +266,23 @@ def _qformer_inputs(seed: int):
     return feats, ids, valid
 
 
-def _load_qformer(state, layout, tmp_path, name):
-    cfg = _qformer_config()
+def _load_qformer(state, layout, tmp_path, name, scan=False):
+    cfg = _qformer_config(scan)
     path = _save(state, str(tmp_path / f"{name}.safetensors"))
     return load_with_rules(SafetensorsReader(path), qformer_rules(cfg, layout, flax_prefix=()),
-                           _qformer_target(cfg), ignore_unused=lambda k: True)
+                           _qformer_target(cfg), ignore_unused=lambda k: True, stacks=(cfg.layer_stack,))
 
 
-def test_qformer_parity_with_hf(hf_qformer, tmp_path):
+@SCAN
+def test_qformer_parity_with_hf(hf_qformer, tmp_path, scan):
     model, query_tokens, ln_vision = hf_qformer
-    params, _ = _load_qformer(_hf_qformer_state(*hf_qformer), "hf", tmp_path, "hf")
+    params, _ = _load_qformer(_hf_qformer_state(*hf_qformer), "hf", tmp_path, "hf", scan)
+    if scan:  # QLAYERS layers as QLAYERS / 2 blocks (cross-attention layer, plain layer)
+        assert params["layers"]["sub_0"]["cross_attn"]["key"]["kernel"].shape[0] == QLAYERS // 2
+        assert "cross_attn" not in params["layers"]["sub_1"]
     feats, ids, valid = _qformer_inputs(0)
-    out = np.asarray(QFormer(_qformer_config()).apply({"params": params}, jnp.asarray(feats), jnp.asarray(ids),
-                                                       jnp.asarray(valid)))
+    out = np.asarray(QFormer(_qformer_config(scan)).apply({"params": params}, jnp.asarray(feats), jnp.asarray(ids),
+                                                           jnp.asarray(valid)))
     with torch.no_grad():
         f = feats.shape[0]
         ref = model(input_ids=torch.from_numpy(ids).long(),

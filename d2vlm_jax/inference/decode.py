@@ -159,7 +159,7 @@ class GenerationOutput(NamedTuple):
 
 class Prefill(NamedTuple):
     """State after the prefix pass (S = P + max_new_tokens slots)."""
-    cache: KVCache             # L x float[B, S, Hkv, Dh]; slots >= P empty
+    cache: KVCache             # float[L, B, S, Hkv, Dh] keys and values; slots >= P empty
     layout: attn_lib.SequenceLayout  # [B, S]; generated slots not yet valid
     num_prefix: jax.Array      # int32[B] valid prefix tokens (= first generated position id)
     frame_states: jax.Array    # float[B, N, D]: F, layer-k_evi states of the frames

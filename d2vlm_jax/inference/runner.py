@@ -45,6 +45,7 @@ from d2vlm_jax.data.template import build_prompt_example
 from d2vlm_jax.data.tokenizer import QFormerTokenizer, TextTokenizer
 from d2vlm_jax.data.video import decode_video
 from d2vlm_jax.inference import decode as decode_lib
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.d2vlm import D2VLM, D2VLMConfig
 
 logger = logging.getLogger(__name__)
@@ -228,17 +229,20 @@ def _model_config(layout: CheckpointLayout, tokenizers) -> D2VLMConfig:
                                 qformer_vocab_size=tokenizers[1].vocab_size)
 
 
-def stored_shapes(params_dir: str) -> dict[str, tuple[int, ...]]:
-    """``{"a/b/c": shape}`` of an Orbax params checkpoint, from its metadata (nothing read)."""
+def stored_shapes(params_dir: str, stacks: Sequence[stacking.LayerStack] = ()) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/c": shape}`` of an Orbax params checkpoint, from its metadata (nothing read),
+    in the layer layout ``stacks`` ask for (the checkpoint's own when none are given)."""
     import orbax.checkpoint as ocp
+
+    from d2vlm_jax.train.checkpoint import stored_tree
 
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"no params checkpoint at {params_dir}")
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(params_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    flat = traverse_util.flatten_dict(stored_tree(metadata), sep="/")
+    shapes = traverse_util.unflatten_dict({k: tuple(v.shape) for k, v in flat.items()}, sep="/")
+    return traverse_util.flatten_dict(stacking.to_layout(shapes, stacks), sep="/")
 
 
 def check_params_fit(shapes: Mapping[str, tuple[int, ...]], abstract: Mapping, where: str) -> None:
@@ -286,9 +290,10 @@ def load_checkpoint(directory: str | os.PathLike, *, stage: str | None = None,
     boxed = abstract_boxed_variables(model_config)
     param_shardings = sharding.shardings_for(boxed, mesh, model_config.llm.sharding_rules)["params"]
     abstract = sharding.unbox(boxed)["params"]
-    check_params_fit(stored_shapes(layout.params_dir), abstract, layout.params_dir)
+    stacks = model_config.layer_stacks  # a checkpoint of the other layer layout is converted
+    check_params_fit(stored_shapes(layout.params_dir, stacks), abstract, layout.params_dir)
     # restored straight onto the mesh (every process reads its own shards)
-    params = ckpt_lib.load_params(layout.params_dir, ckpt_lib.abstract_like(abstract, param_shardings))
+    params = ckpt_lib.load_params(layout.params_dir, ckpt_lib.abstract_like(abstract, param_shardings), stacks=stacks)
     logger.info("loaded %s checkpoint %s (%s)", layout.kind, layout.params_dir, f"stage {layout.stage}"
                 if layout.stage else "imported")
     return LoadedCheckpoint(layout, model_config, D2VLM(model_config), params, data, tokenizers[0], tokenizers[1],

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from d2vlm_jax import sharding
 from d2vlm_jax.models import attention as attn_lib
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.decoder import Decoder, DecoderConfig, KVCache
 from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name
 from d2vlm_jax.models.video_encoder import VideoEncoder, VideoEncoderConfig
@@ -63,6 +64,19 @@ class D2VLMConfig:
         if self.video.compressor.out_dim != self.llm.hidden_size:
             raise ValueError(f"video.compressor.out_dim {self.video.compressor.out_dim} != "
                              f"llm.hidden_size {self.llm.hidden_size}")
+
+    @property
+    def layer_stacks(self) -> tuple[stacking.LayerStack, ...]:
+        """Every layer stack of the model (decoder, vision tower, Q-Former) with the layout this
+        config uses; ``stacking.to_layout(params, config.layer_stacks)`` converts a parameter
+        tree (or a train state, or abstract shapes) of either layout to it."""
+        return (self.llm.layer_stack.with_prefix(("llm",)),) + stacking.with_prefix(self.video.layer_stacks, ("video",))
+
+    def with_scan_layers(self, scan: bool) -> "D2VLMConfig":
+        """The same model with the decoder, vision tower and Q-Former scanned (or unrolled)."""
+        video = dataclasses.replace(self.video, vision=dataclasses.replace(self.video.vision, scan_layers=scan),
+                                    qformer=dataclasses.replace(self.video.qformer, scan_layers=scan))
+        return dataclasses.replace(self, llm=dataclasses.replace(self.llm, scan_layers=scan), video=video)
 
 
 class GroundingHead(nn.Module):

@@ -14,6 +14,11 @@ One Linen module, ``Decoder``, serves training and decoding:
 Family differences: Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``; Qwen2 has q/k/v biases;
 all three use RMSNorm, RoPE (rotate-half convention) and SwiGLU. GQA by ``num_kv_heads``.
 LoRA adapters sit on the attention projections (``LoRADense``); rank 0 disables them.
+
+Layers are unrolled (``layers_{i}``, 1:1 with HF checkpoints) or, with ``scan_layers``, one
+``nn.scan`` over a stacked ``layers`` subtree (``[L, ...]`` leaves; compile time no longer
+grows with depth). Both run the same :class:`DecoderLayer` through the same step function;
+``d2vlm_jax.models.stacking`` converts parameters between the two layouts.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from d2vlm_jax import sharding
 from d2vlm_jax.models import attention as attn_lib
-from d2vlm_jax.models.layers import Dense, LoRADense, RMSNorm, dtype_from_name, remat_policy
+from d2vlm_jax.models import stacking
+from d2vlm_jax.models.layers import Dense, LoRADense, RMSNorm, dtype_from_name, remat_layer
 
 FAMILIES = ("phi3", "llama", "qwen2")
+
+# Values tagged inside a decoder layer, for ``remat_policy="save:<names>"``.
+CHECKPOINT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +64,7 @@ class DecoderConfig:
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "none"
     attention_impl: str = "xla"   # attention.IMPLEMENTATIONS: xla | splash | cudnn | auto
+    scan_layers: bool = False     # one nn.scan over stacked layers instead of L unrolled ones
     sharding_rules: tuple = sharding.DEFAULT_RULES
 
     def __post_init__(self):
@@ -81,6 +93,11 @@ class DecoderConfig:
     def lora_targets(self) -> tuple[str, ...]:
         return ("qkv_proj", "o_proj") if self.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
 
+    @property
+    def layer_stack(self) -> stacking.LayerStack:
+        """Where the layers sit in the decoder's parameter tree, and in which layout."""
+        return stacking.LayerStack((), "layers_", "layers", self.num_layers, 1, self.scan_layers)
+
     @classmethod
     def from_dict(cls, d: Any) -> "DecoderConfig":
         d = dict(d)
@@ -94,29 +111,40 @@ class DecoderConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values per layer: tuples of L arrays float[B, S, Hkv, D].
+    """Keys and values of every layer, stacked: float[L, B, S, Hkv, D] each.
 
-    Per-layer buffers (not one stacked [L, ...] array) let XLA update each layer's slots in
-    place, e.g. inside the decoding ``while_loop``, instead of re-stacking the whole cache.
+    A call writes only its new tokens' slots (``dynamic_update_slice`` at ``[layer, :,
+    query_start]``), so inside the decoding ``while_loop`` the update is in place and costs
+    one token per layer, in the unrolled and the scanned decoder alike.
     """
-    k: tuple
-    v: tuple
+    k: jax.Array
+    v: jax.Array
 
     @staticmethod
     def zeros(config: DecoderConfig, batch: int, num_slots: int, dtype=None) -> "KVCache":
-        shape = (batch, num_slots, config.num_kv_heads, config.dim_per_head)
+        shape = (config.num_layers, batch, num_slots, config.num_kv_heads, config.dim_per_head)
         dtype = dtype or dtype_from_name(config.dtype)
-        return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                       tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
 
     def pad_to(self, num_slots: int) -> "KVCache":
         """Extends the slot axis with empty slots (to run more tokens against a prefix)."""
-        widths = [(0, 0), (0, num_slots - self.num_slots), (0, 0), (0, 0)]
-        return KVCache(tuple(jnp.pad(k, widths) for k in self.k), tuple(jnp.pad(v, widths) for v in self.v))
+        widths = [(0, 0), (0, 0), (0, num_slots - self.num_slots), (0, 0), (0, 0)]
+        return KVCache(jnp.pad(self.k, widths), jnp.pad(self.v, widths))
+
+    def layer(self, i: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """Layer ``i``'s (keys, values), float[B, S, Hkv, D] each (``i`` may be traced)."""
+        return self.k[i], self.v[i]
+
+    def write(self, i: jax.Array | int, start: jax.Array | int, k: jax.Array, v: jax.Array) -> "KVCache":
+        """Writes layer ``i``'s new keys/values float[B, T, Hkv, D] at slots ``[start, start + T)``."""
+        zero = jnp.zeros((), jnp.int32)
+        index = (jnp.asarray(i, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), index),
+                       jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), index))
 
 
 class DecoderOutput(NamedTuple):
@@ -143,6 +171,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache, query_start, deterministic):
+        """x float[B, T, D]; layer_cache (keys, values) float[B, S, Hkv, Dh] or None.
+
+        Returns (float[B, T, D], (keys, values) of the T new tokens float[B, T, Hkv, Dh])."""
         c = self.config
         dtype, pdtype = dtype_from_name(c.dtype), dtype_from_name(c.param_dtype)
         hd, hq, hkv = c.dim_per_head, c.num_heads, c.num_kv_heads
@@ -159,17 +190,17 @@ class Attention(nn.Module):
         q = rotary_embedding(q.reshape(b, t, hq, hd), positions, c.rope_theta)
         k = rotary_embedding(k.reshape(b, t, hkv, hd), positions, c.rope_theta)
         v = v.reshape(b, t, hkv, hd)
-        new_cache = None
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        new_kv = (k, v)
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), query_start, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), query_start, axis=1)
-            new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), query_start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), query_start, axis=1)
+            k, v = k.astype(dtype), v.astype(dtype)
         out = attn_lib.dot_product_attention(q, k, v, mask, implementation=c.attention_impl, rules=c.sharding_rules)
-        out = out.reshape(b, t, hq * hd)
+        out = checkpoint_name(out.reshape(b, t, hq * hd), "attn_context")
         out = LoRADense(c.hidden_size, ("heads", "embed"), name="o_proj", **lora)(out, deterministic)
-        return out, new_cache
+        return checkpoint_name(out, "attn_out"), new_kv
 
 
 class MLP(nn.Module):
@@ -186,26 +217,39 @@ class MLP(nn.Module):
             gate = Dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
             up = Dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         h = sharding.constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"), c.sharding_rules)
-        return Dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+        h = checkpoint_name(h, "mlp_hidden")
+        return checkpoint_name(Dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h), "mlp_out")
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
     config: DecoderConfig
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache, query_start, deterministic):
+        """See :class:`Attention`; returns (float[B, T, D], new (keys, values))."""
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=dtype_from_name(c.dtype), param_dtype=dtype_from_name(c.param_dtype))
-        h, new_cache = Attention(c, name="attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, mask,
-                                                 layer_cache, query_start, deterministic)
+        h, new_kv = Attention(c, name="attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, mask,
+                                              layer_cache, query_start, deterministic)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
         x = sharding.constrain(x, ("batch", "length", "act_embed"), c.sharding_rules)
-        return x, new_cache
+        return x, new_kv
+
+
+def _layer_step(layer: nn.Module, x: jax.Array, cache: KVCache | None, i, positions, mask, query_start,
+                deterministic: bool) -> tuple[jax.Array, KVCache | None]:
+    """Layer ``i`` (static or traced) on ``x``; its new keys/values go into ``cache``. The
+    cache is sliced and written here, outside the (rematerialized) layer, so remat saves
+    one layer's cache slice, never the whole stack."""
+    x, (k, v) = layer(x, positions, mask, None if cache is None else cache.layer(i), query_start, deterministic)
+    return x, (None if cache is None else cache.write(i, query_start, k, v))
 
 
 class Decoder(nn.Module):
-    """The decoder LM. Parameter tree: ``embed_tokens``, ``layers_{i}``, ``norm``, ``lm_head``."""
+    """The decoder LM. Parameter tree: ``embed_tokens``, ``layers_{i}`` (or, scanned, one
+    ``layers`` subtree with ``[L, ...]`` leaves), ``norm``, ``lm_head``."""
     config: DecoderConfig
 
     def setup(self):
@@ -214,11 +258,12 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, param_dtype=pdtype, dtype=dtype_from_name(c.dtype),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-        policy = remat_policy(c.remat_policy)
-        layer_cls = DecoderLayer
-        if policy is not None:
-            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(6,))  # deterministic (self is 0)
-        self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        # deterministic (argument 6, self is 0) is a Python bool
+        layer_cls = remat_layer(DecoderLayer, c.remat_policy, scanned=c.scan_layers, static_argnums=(6,))
+        if c.scan_layers:
+            self.layers = layer_cls(c, name="layers")
+        else:
+            self.layers = [layer_cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=dtype_from_name(c.dtype), param_dtype=pdtype)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False,
@@ -262,23 +307,43 @@ class Decoder(nn.Module):
         if cache is None and layout.valid.shape[1] != t:
             raise ValueError(f"layout has {layout.valid.shape[1]} slots but {t} tokens and no cache")
         mask = attn_lib.AttentionMask(layout, query_start)
-        wanted = set(int(i) for i in output_hidden_layers)
+        wanted = sorted(set(int(i) for i in output_hidden_layers))
         for i in wanted:
             if not 0 <= i <= c.num_layers:
                 raise ValueError(f"hidden layer {i} out of range [0, {c.num_layers}]")
         hidden = {0: x} if 0 in wanted else {}
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, lc = layer(x, positions, mask, layer_cache, query_start, deterministic)
-            if lc is not None:
-                new_k.append(lc[0])
-                new_v.append(lc[1])
-            if i + 1 in wanted:
-                hidden[i + 1] = x
+        if c.scan_layers:
+            x, cache, taken = self._scan(x, cache, positions, mask, query_start, deterministic,
+                                         tuple(w for w in wanted if 0 < w < c.num_layers))
+            hidden.update(taken)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, cache = _layer_step(layer, x, cache, i, positions, mask, query_start, deterministic)
+                if i + 1 in wanted:
+                    hidden[i + 1] = x
+        if c.num_layers in wanted:
+            hidden[c.num_layers] = x
         final = self.norm(x)
-        new_cache = KVCache(tuple(new_k), tuple(new_v)) if cache is not None else None
-        return DecoderOutput(self.logits(final) if compute_logits else None, hidden, new_cache, final)
+        return DecoderOutput(self.logits(final) if compute_logits else None, hidden, cache, final)
+
+    def _scan(self, x, cache, positions, mask, query_start, deterministic, taken_layers):
+        """All layers as one ``nn.scan``. The hidden states of ``taken_layers`` (each in
+        ``1..L-1``) are carried buffers replaced when the layer index matches (two ``select``
+        per layer each; no per-layer output stack, no split of the parameter stack)."""
+
+        def body(layer, carry, i, positions, mask, query_start):
+            x, cache, taken = carry
+            x, cache = _layer_step(layer, x, cache, i, positions, mask, query_start, deterministic)
+            taken = tuple(jnp.where(i + 1 == w, x, h) for w, h in zip(taken_layers, taken))
+            return (x, cache, taken), None
+
+        run = stacking.scan_layers(body, self.config.num_layers, broadcast_args=3)
+        carry = (x, cache, tuple(jnp.zeros_like(x) for _ in taken_layers))
+        query_start = jnp.asarray(query_start, jnp.int32)  # broadcast arguments are arrays
+        mask = attn_lib.AttentionMask(mask.layout, query_start)
+        (x, cache, taken), _ = run(self.layers, carry, jnp.arange(self.config.num_layers, dtype=jnp.int32),
+                                   positions, mask, query_start)
+        return x, cache, dict(zip(taken_layers, taken))
 
 
 def init_decoder(config: DecoderConfig, rng: jax.Array, batch: int = 1, length: int = 4):

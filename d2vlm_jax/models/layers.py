@@ -116,17 +116,46 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+# jax.checkpoint_policies members that are policies themselves (the others build one from names)
+_PLAIN_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                   "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
 def remat_policy(name: str | None):
-    """A ``jax.checkpoint_policies`` member by name; ``None``/``"none"`` = no remat."""
+    """A rematerialization policy by name; ``None``/``"none"`` = no remat.
+
+    ``"full"`` saves nothing (everything is recomputed); ``"save:a,b"`` saves only the
+    values tagged ``checkpoint_name(x, "a")`` / ``"b"`` inside the layer (the decoder tags
+    :data:`d2vlm_jax.models.decoder.CHECKPOINT_NAMES`); any other name is a plain member of
+    ``jax.checkpoint_policies`` (``dots_saveable``, ``dots_with_no_batch_dims_saveable``, ...).
+    """
     if name in (None, "", "none"):
         return None
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
-    policy = getattr(jax.checkpoint_policies, name, None)
+    if name.startswith("save:"):
+        names = [n.strip() for n in name[len("save:"):].split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"remat policy {name!r}: name the values to save, e.g. 'save:attn_out,mlp_out'")
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    if name not in _PLAIN_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; use 'none', 'full', 'save:<name>,...' or one of "
+                         f"{_PLAIN_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
+
+
+def remat_layer(layer_cls: type, policy_name: str | None, *, scanned: bool, static_argnums: tuple[int, ...] = ()):
+    """``layer_cls`` under ``nn.remat`` with the named policy (unchanged for no policy).
+
+    Inside ``nn.scan`` (``scanned``) CSE prevention is off: the scan's loop boundary already
+    keeps XLA from merging the recomputation into the forward pass, and the barrier it would
+    add costs performance (JAX's advice for ``checkpoint`` under ``scan``).
+    ``static_argnums`` counts ``self`` as 0.
+    """
+    policy = remat_policy(policy_name)
     if policy is None:
-        raise ValueError(f"unknown remat policy {name!r}; use 'none', 'full' or a name in "
-                         f"jax.checkpoint_policies")
-    return policy
+        return layer_cls
+    return nn.remat(layer_cls, policy=policy, prevent_cse=not scanned, static_argnums=static_argnums)
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -22,6 +22,11 @@ Parameter tree::
   layers_{i}/ffn_query/{intermediate, output}/{kernel, bias}, ffn_query/norm
   layers_{i}/ffn_text/...                 (same shapes)
 
+With ``scan_layers`` the layers run as one ``nn.scan`` over blocks of
+``cross_attention_frequency`` layers (the cross-attention layer first; 6 blocks of 2 for
+BERT-base): ``layers/sub_{j}/...`` holds layers ``j, j + f, j + 2f, ...`` stacked on a leading
+axis (``d2vlm_jax.models.stacking`` converts between the layouts).
+
 Dropout (0.1 in BERT's config) is not implemented: the module is deterministic.
 """
 
@@ -34,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from d2vlm_jax import sharding
-from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name, remat_policy
+from d2vlm_jax.models import stacking
+from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name, remat_layer
 from d2vlm_jax.models.attention import dot_product_attention
 
 
@@ -56,6 +62,8 @@ class QFormerConfig:
       ln_vision_eps: epsilon of ``ln_vision`` (1e-5: the authors' ``nn.LayerNorm`` default).
       dtype / param_dtype: computation / parameter dtype names.
       remat_policy: ``layers.remat_policy`` name applied per layer (None = no remat).
+      scan_layers: scan blocks of ``cross_attention_frequency`` layers (needs ``num_layers``
+        to be a multiple of it) instead of unrolling ``layers_{i}``; same results.
     """
     hidden_size: int = 768
     num_layers: int = 12
@@ -71,10 +79,22 @@ class QFormerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str | None = None
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.cross_attention_frequency < 1:
+            raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+        if self.scan_layers and self.num_layers % self.cross_attention_frequency:
+            raise ValueError(f"scan_layers scans blocks of cross_attention_frequency={self.cross_attention_frequency} "
+                             f"layers: num_layers={self.num_layers} is not a multiple of it")
+
+    @property
+    def layer_stack(self) -> stacking.LayerStack:
+        """Where the layers sit in the Q-Former's parameter tree, and in which layout."""
+        return stacking.LayerStack((), "layers_", "layers", self.num_layers, self.cross_attention_frequency,
+                                   self.scan_layers)
 
     def has_cross_attention(self, layer: int) -> bool:
         return layer % self.cross_attention_frequency == 0
@@ -149,6 +169,22 @@ class QFormerLayer(nn.Module):
         return sharding.constrain(x, ("frames", None, "act_embed"), self.rules)
 
 
+class QFormerBlock(nn.Module):
+    """``cross_attention_frequency`` consecutive layers (``sub_{j}``; ``sub_0`` has the
+    cross-attention): the step of the scanned Q-Former."""
+    config: QFormerConfig
+    rules: tuple = sharding.DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, x: jax.Array, self_mask: jax.Array, image: jax.Array) -> jax.Array:
+        """Same arguments and result as :class:`QFormerLayer`."""
+        cfg = self.config
+        layer_cls = remat_layer(QFormerLayer, cfg.remat_policy, scanned=True)
+        for j in range(cfg.cross_attention_frequency):
+            x = layer_cls(cfg, cfg.has_cross_attention(j), self.rules, name=f"sub_{j}")(x, self_mask, image)
+        return x
+
+
 class QFormer(nn.Module):
     """Q-Former with its query tokens and ``ln_vision``; one sequence per frame."""
     config: QFormerConfig
@@ -185,12 +221,14 @@ class QFormer(nn.Module):
 
         key_valid = jnp.concatenate([jnp.ones((f, cfg.num_queries), bool), text_valid.astype(bool)], axis=1)
         self_mask = key_valid[:, None, :]
-        layer_cls = QFormerLayer
-        policy = remat_policy(cfg.remat_policy)
-        if policy is not None:
-            layer_cls = nn.remat(QFormerLayer, policy=policy)
-        for i in range(cfg.num_layers):
-            x = layer_cls(cfg, cfg.has_cross_attention(i), self.rules, name=f"layers_{i}")(x, self_mask, image)
+        if cfg.scan_layers:
+            run = stacking.scan_layers(lambda block, x, _, mask, image: (block(x, mask, image), None),
+                                       cfg.num_layers // cfg.cross_attention_frequency, broadcast_args=2)
+            x, _ = run(QFormerBlock(cfg, self.rules, name="layers"), x, None, self_mask, image)
+        else:
+            layer_cls = remat_layer(QFormerLayer, cfg.remat_policy, scanned=False)
+            for i in range(cfg.num_layers):
+                x = layer_cls(cfg, cfg.has_cross_attention(i), self.rules, name=f"layers_{i}")(x, self_mask, image)
         return x[:, :cfg.num_queries]
 
 

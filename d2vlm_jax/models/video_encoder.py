@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from d2vlm_jax import sharding
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.compressor import CompressorConfig, FrameCompressor
 from d2vlm_jax.models.layers import path_str
 from d2vlm_jax.models.qformer import QFormer, QFormerConfig
@@ -40,8 +41,9 @@ VIDEO_ENCODER_TRAINABLE_PATTERNS: tuple[tuple[str, bool], ...] = (
     (r"vision/.*", False),                                   # EVA-ViT tower
     (r"qformer/query_tokens", True),                         # learned queries
     (r"qformer/ln_vision/.*", True),                         # LayerNorm on patch features
-    (r"qformer/layers_\d+/(self_attn|cross_attn)/.*", True), # attention sub-layers (incl. their LN)
-    (r"qformer/layers_\d+/ffn_(query|text)/.*", False),      # BERT FFNs
+    # layers unrolled (layers_{i}) or scanned (layers/sub_{j}, every layer at once)
+    (r"qformer/layers(_\d+|/sub_\d+)/(self_attn|cross_attn)/.*", True),  # attention sub-layers (incl. their LN)
+    (r"qformer/layers(_\d+|/sub_\d+)/ffn_(query|text)/.*", False),       # BERT FFNs
     (r"qformer/embeddings/.*", False),                       # word/position embeddings + LN
     (r"compressor/.*", True),                                # proj, q_proj, k_proj, v_proj
 )
@@ -85,6 +87,11 @@ class VideoEncoderConfig:
         if self.compressor.query_dim != self.qformer.hidden_size:
             raise ValueError(f"compressor.query_dim {self.compressor.query_dim} != "
                              f"qformer.hidden_size {self.qformer.hidden_size}")
+
+    @property
+    def layer_stacks(self) -> tuple[stacking.LayerStack, ...]:
+        """The vision tower's blocks and the Q-Former's layers (paths relative to the encoder)."""
+        return (self.vision.layer_stack.with_prefix(("vision",)), self.qformer.layer_stack.with_prefix(("qformer",)))
 
 
 class VideoEncoder(nn.Module):

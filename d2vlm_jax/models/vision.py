@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from d2vlm_jax import sharding
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.attention import dot_product_attention
-from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name, remat_policy
+from d2vlm_jax.models.layers import Dense, LayerNorm, dtype_from_name, remat_layer
 
 # CLIP normalization (SPEC §1.1), applied to pixels in [0, 1].
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -62,6 +63,8 @@ class VisionConfig:
         attention scores dominate) shrinks by about this factor. Chunk ``i`` takes frames
         ``i, i + C, i + 2C, ...`` so it stays spread over the ``frames`` mesh axes; choose
         ``C`` dividing the frames per device to avoid resharding.
+      scan_layers: run the blocks as one ``nn.scan`` over a stacked ``blocks`` subtree
+        (``[num_blocks_run, ...]`` leaves) instead of ``blocks_{i}``; same results.
     """
     image_size: int = 224
     patch_size: int = 14
@@ -75,6 +78,7 @@ class VisionConfig:
     param_dtype: str = "float32"
     remat_policy: str | None = None
     frame_chunks: int = 1
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.frame_chunks < 1:
@@ -91,6 +95,11 @@ class VisionConfig:
     def num_blocks_run(self) -> int:
         """Number of blocks created and run (= HF ``hidden_states`` index)."""
         return self.output_layer if self.output_layer >= 0 else self.depth + self.output_layer + 1
+
+    @property
+    def layer_stack(self) -> stacking.LayerStack:
+        """Where the blocks sit in the tower's parameter tree, and in which layout."""
+        return stacking.LayerStack((), "blocks_", "blocks", self.num_blocks_run, 1, self.scan_layers)
 
     @property
     def grid(self) -> int:
@@ -170,7 +179,7 @@ class VisionTower(nn.Module):
     Parameters: ``patch_embed/{kernel [P*P*3, D], bias}`` (the stride-P convolution as a
     Dense over patches flattened in (row, col, channel) order), ``cls_token [D]``,
     ``pos_embed [1 + num_patches, D]``, ``blocks_{i}/{norm1, attn/{qkv, q_bias, v_bias,
-    proj}, norm2, fc1, fc2}``.
+    proj}, norm2, fc1, fc2}`` (scanned: ``blocks/...`` with a leading ``[num_blocks_run]`` axis).
     """
     config: VisionConfig
     rules: tuple = sharding.DEFAULT_RULES
@@ -207,10 +216,11 @@ class VisionTower(nn.Module):
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(dtype)
         x = sharding.constrain(x, ("frames", None, "act_embed"), self.rules)
 
-        block_cls = VisionBlock
-        policy = remat_policy(cfg.remat_policy)
-        if policy is not None:
-            block_cls = nn.remat(VisionBlock, policy=policy)
-        for i in range(cfg.num_blocks_run):
-            x = block_cls(cfg, self.rules, name=f"blocks_{i}")(x)
+        block_cls = remat_layer(VisionBlock, cfg.remat_policy, scanned=cfg.scan_layers)
+        if cfg.scan_layers:
+            run = stacking.scan_layers(lambda block, x, _: (block(x), None), cfg.num_blocks_run)
+            x, _ = run(block_cls(cfg, self.rules, name="blocks"), x, None)
+        else:
+            for i in range(cfg.num_blocks_run):
+                x = block_cls(cfg, self.rules, name=f"blocks_{i}")(x)
         return jax.lax.stop_gradient(x[:, 1:])

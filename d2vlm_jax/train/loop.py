@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -25,6 +25,7 @@ from d2vlm_jax import batch as batch_lib
 from d2vlm_jax import config as cfg_lib
 from d2vlm_jax import partition, sharding
 from d2vlm_jax.data import pipeline
+from d2vlm_jax.models import stacking
 from d2vlm_jax.models.d2vlm import D2VLM, D2VLMConfig, init_variables
 from d2vlm_jax.testing import random_batch
 from d2vlm_jax.train import checkpoint as ckpt_lib
@@ -58,11 +59,12 @@ def abstract_boxed_variables(model_cfg: D2VLMConfig):
     return jax.eval_shape(lambda: init_variables(model_cfg, jax.random.key(0), example))
 
 
-def load_init_params(path: str, fresh: Mapping) -> dict:
+def load_init_params(path: str, fresh: Mapping, stacks: Sequence[stacking.LayerStack] = ()) -> dict:
     """Params from an Orbax params checkpoint (a previous stage's export or an imported
     release), checked against the model: every leaf must exist with the same shape. Leaves
-    the checkpoint lacks (e.g. fresh LoRA adapters) keep their fresh values, and are listed."""
-    loaded = ckpt_lib.load_params(path)
+    the checkpoint lacks (e.g. fresh LoRA adapters) keep their fresh values, and are listed.
+    ``stacks`` (the model's layer stacks) convert a checkpoint of the other layer layout."""
+    loaded = ckpt_lib.load_params(path, stacks=stacks)
     want = traverse_util.flatten_dict(dict(fresh), sep="/")
     got = traverse_util.flatten_dict(dict(loaded), sep="/")
     problems = []
@@ -275,14 +277,14 @@ def train_stage(config: ml_collections.ConfigDict, stage: str, workdir: str, mod
     frozen_dir = os.path.join(stage_dir, "frozen")
     with jax.set_mesh(mesh):
         if mngr.latest_step() is not None:
-            frozen = ckpt_lib.load_params(frozen_dir, setup.placed_frozen())
-            state, start = ckpt_lib.restore(mngr, setup.placed_state(), data_iter)
+            frozen = ckpt_lib.load_params(frozen_dir, setup.placed_frozen(), stacks=model_cfg.layer_stacks)
+            state, start = ckpt_lib.restore(mngr, setup.placed_state(), data_iter, stacks=model_cfg.layer_stacks)
             if is_main:
                 print(f"[{stage}] resumed from step {start} of {total_steps} ({stage_dir}/checkpoints)", flush=True)
         else:
             # initialized directly into its shardings: never materialized on one device
             fresh = jax.jit(lambda: init_params(model_cfg, config.seed), out_shardings=param_sh)()
-            params = load_init_params(init_from, fresh) if init_from else fresh
+            params = load_init_params(init_from, fresh, model_cfg.layer_stacks) if init_from else fresh
             trainable, frozen = partition.split(params, patterns)
             frozen = jax.device_put(frozen, f_sh)
             ckpt_lib.save_params(frozen_dir, frozen)
@@ -442,7 +444,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     if config.get("final_eval", True):
         model = D2VLM(model_cfg)
         mesh = sharding.make_mesh(dict(config.mesh))
-        params = ckpt_lib.load_params(previous)
+        params = ckpt_lib.load_params(previous, stacks=model_cfg.layer_stacks)
         with jax.set_mesh(mesh):
             params = jax.device_put(params, sharding.shardings_for(abstract_boxed_variables(model_cfg), mesh,
                                                                    model_cfg.llm.sharding_rules)["params"])

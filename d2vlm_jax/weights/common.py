@@ -8,6 +8,11 @@ Every safetensors dtype is supported, BF16 and FP8 included (as ``ml_dtypes`` nu
 
 A *mapping* is a list of :class:`Rule` (flax path, source key, transform). The same table
 serves import (source -> flax) and export (flax -> source), so the two cannot drift.
+
+Rule tables name layers unrolled (``layers_{i}``, as checkpoints do). A model with scanned
+layers passes its layer stacks (``stacks``, see ``d2vlm_jax.models.stacking``): layer ``i``'s
+tensor is then read into / written from index ``i`` of the stacked parameter, filled in
+place, so loading still holds about one stacked tensor besides the output.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from d2vlm_jax.models.stacking import LayerStack, scanned_location
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -231,6 +238,14 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     return node
 
 
+def get_param(params: Mapping, path: tuple[str, ...], stacks: Iterable[LayerStack] = ()) -> Any:
+    """The parameter a rule's (unrolled) ``path`` names; with scanned ``stacks`` the layer's
+    slice of the stacked parameter."""
+    where, index = scanned_location(path, stacks)
+    value = _get(params, where)
+    return value if index is None else value[index]
+
+
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     node = tree
     for p in path[:-1]:
@@ -256,23 +271,27 @@ def _is_numeric_float(dtype: np.dtype) -> bool:
 
 def load_with_rules(source: Mapping[str, np.ndarray], rules: Iterable[Rule], target_shapes: Mapping,
                     *, dtype: Any = np.float32, place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
-                    ignore_unused: Callable[[str], bool] = lambda key: False) -> tuple[dict, list[str]]:
+                    ignore_unused: Callable[[str], bool] = lambda key: False,
+                    stacks: Iterable[LayerStack] = ()) -> tuple[dict, list[str]]:
     """Builds a param tree from ``source`` following ``rules``, one tensor at a time.
 
     Each tensor is read, converted, cast and (optionally) placed before the next is read,
-    so besides the output tree only about one tensor is held at a time.
+    so besides the output tree only about one tensor is held at a time (with scanned layers:
+    one stacked tensor, filled layer by layer and placed when complete).
 
     Args:
       source: key -> array (e.g. a :class:`SafetensorsReader`).
-      rules: the mapping table.
+      rules: the mapping table (unrolled layer paths).
       target_shapes: the model's (abstract) param tree; every leaf must be covered by a rule.
       dtype: dtype of the output leaves (float checkpoints only: an integer/bool tensor where
         the model wants floats is reported as a dtype mismatch).
       place: optional ``(flax_path, array) -> array`` (e.g. ``jax.device_put`` with the
-        leaf's sharding, see :func:`sharded_placer`) applied to each converted tensor as it
-        is produced.
+        leaf's sharding, see :func:`sharded_placer`) applied to each finished leaf, with the
+        leaf's path in ``target_shapes``.
       ignore_unused: keys the caller knows are not part of the model (listed, not errors).
         Evaluated after all rules ran.
+      stacks: the layer stacks of ``target_shapes`` (``config.layer_stacks``); scanned ones
+        take rule ``.../layers_{i}/...`` at index ``i`` of ``.../layers/...``.
     Returns:
       (params, ignored_keys). A leaf that needed no conversion or cast may share memory with
       the array the source returned (a :class:`SafetensorsReader` returns fresh arrays).
@@ -280,19 +299,28 @@ def load_with_rules(source: Mapping[str, np.ndarray], rules: Iterable[Rule], tar
       unexpected key, dtype mismatch and shape mismatch (key, checkpoint shape as stored,
       shape after conversion, model path and shape).
     """
-    rules = list(rules)
+    rules, stacks = list(rules), tuple(stacks)
     targets = flatten(target_shapes)
     problems, params, used = [], {}, set()
-    covered = {r.flax_path for r in rules}
-    for path in targets:
+    located = [(rule, *scanned_location(rule.flax_path, stacks)) for rule in rules]
+    covered: dict[tuple[str, ...], set] = {}
+    for _, where, index in located:
+        covered.setdefault(where, set()).add(index)
+    for path, leaf in targets.items():
         if path not in covered:
             problems.append(f"model parameter {'/'.join(path)} has no rule in the mapping")
-    for rule in rules:
+        elif None not in covered[path] and covered[path] != set(range(leaf.shape[0])):
+            lacking = sorted(set(range(leaf.shape[0])) - covered[path])
+            problems.append(f"model parameter {'/'.join(path)} (stacked layers) has no rule for layers {lacking[:8]}")
+    pending: dict[tuple[str, ...], tuple[np.ndarray, set]] = {}  # stacked leaves being filled
+    for rule, where, index in located:
         name = "/".join(rule.flax_path)
-        if rule.flax_path not in targets:
+        if where not in targets:
             problems.append(f"mapping rule targets unknown model parameter {name}")
             continue
-        want = tuple(targets[rule.flax_path].shape)
+        want = tuple(targets[where].shape)
+        if index is not None:
+            want = want[1:]
         if rule.source_key not in source:
             problems.append(f"missing key {rule.source_key!r} (model {name}, shape {want})")
             continue
@@ -310,7 +338,17 @@ def load_with_rules(source: Mapping[str, np.ndarray], rules: Iterable[Rule], tar
                             f"{tuple(value.shape)} after conversion vs model {name} {want}")
             continue
         value = value.astype(dtype, copy=False)
-        _set(params, rule.flax_path, place(rule.flax_path, value) if place else value)
+        if index is not None:
+            if where not in pending:
+                pending[where] = (np.empty(tuple(targets[where].shape), value.dtype), set())
+            buffer, filled = pending[where]
+            buffer[index] = value
+            filled.add(index)
+            del value
+            if len(filled) < buffer.shape[0]:
+                continue
+            value = pending.pop(where)[0]
+        _set(params, where, place(where, value) if place else value)
         del value
     unused = sorted(k for k in source if k not in used)
     unexpected = [k for k in unused if not ignore_unused(k)]
@@ -337,9 +375,12 @@ def sharded_placer(shardings: Mapping) -> Callable[[tuple[str, ...], np.ndarray]
     return place
 
 
-def export_with_rules(params: Mapping, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
-    """The reverse of :func:`load_with_rules`: source-key -> array."""
-    return {r.source_key: np.ascontiguousarray(r.to_source(np.asarray(_get(params, r.flax_path))))
+def export_with_rules(params: Mapping, rules: Iterable[Rule], stacks: Iterable[LayerStack] = ()
+                      ) -> dict[str, np.ndarray]:
+    """The reverse of :func:`load_with_rules`: source-key -> array (``stacks``: the params'
+    layer stacks, as for loading)."""
+    stacks = tuple(stacks)
+    return {r.source_key: np.ascontiguousarray(r.to_source(np.asarray(get_param(params, r.flax_path, stacks))))
             for r in rules}
 
 

@@ -50,7 +50,7 @@ from d2vlm_jax.models.decoder import DecoderConfig
 from d2vlm_jax.models.qformer import QFormerConfig
 from d2vlm_jax.models.video_encoder import VideoEncoderConfig
 from d2vlm_jax.models.vision import VisionConfig
-from d2vlm_jax.weights.common import (PICKLE_SUFFIXES, CheckpointError, Rule, SafetensorsReader, _get,
+from d2vlm_jax.weights.common import (PICKLE_SUFFIXES, CheckpointError, Rule, SafetensorsReader, get_param,
                                       linear_rules, load_with_rules, read_json, sharded_placer, source_shape, transpose,
                                       write_safetensors)
 from d2vlm_jax.weights.hf_decoder import config_from_hf, decoder_rules
@@ -551,7 +551,7 @@ def load_authors_params(ckpt: AuthorsCheckpoint, config: D2VLMConfig, *, lora: s
     consumed = getattr(source, "consumed", set())
     params, unused = load_with_rules(
         source, rules, target, dtype=_np_dtype(config.llm.param_dtype), place=place,
-        ignore_unused=lambda k: k in consumed or ignored_reason(k, config) is not None)
+        ignore_unused=lambda k: k in consumed or ignored_reason(k, config) is not None, stacks=config.layer_stacks)
     ignored = {k: ignored_reason(k, config) for k in unused if k not in consumed}
     return params, ignored
 
@@ -754,7 +754,8 @@ def export_params_authors(params: Mapping, config: D2VLMConfig, dst: str, *, lor
     cfg_json = authors_config_json(config, template, tok_ids, dtype)
 
     def tensor(rule: Rule) -> np.ndarray:
-        return np.ascontiguousarray(rule.to_source(np.asarray(_get(params, rule.flax_path))).astype(out_dtype))
+        value = get_param(params, rule.flax_path, config.layer_stacks)
+        return np.ascontiguousarray(rule.to_source(np.asarray(value)).astype(out_dtype))
 
     def copy_tokenizer(to: str) -> None:
         for name in TOKENIZER_FILES:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from d2vlm_jax.models.decoder import DecoderConfig
-from d2vlm_jax.weights.common import Rule, linear_rules, load_with_rules
+from d2vlm_jax.weights.common import Rule, export_with_rules, linear_rules, load_with_rules
 
 
 def decoder_rules(config: DecoderConfig, source_prefix: str = "model", flax_prefix: tuple[str, ...] = (),
@@ -78,10 +78,17 @@ def load_decoder(source: Mapping[str, np.ndarray], config: DecoderConfig, target
 
     LoRA parameters in the target (``lora_a``/``lora_b``) are not in an HF base
     checkpoint; they are returned freshly initialized by the caller and must be excluded
-    from ``target_shapes`` (see :func:`split_lora`).
+    from ``target_shapes`` (see ``lora.strip_lora``). With ``config.scan_layers`` the target
+    holds the stacked ``layers`` subtree and layer ``i`` is loaded into its index ``i``.
     """
-    params, _ = load_with_rules(source, decoder_rules(config), target_shapes, **kwargs)
+    params, _ = load_with_rules(source, decoder_rules(config), target_shapes, stacks=(config.layer_stack,), **kwargs)
     return params
+
+
+def export_decoder(params: Mapping, config: DecoderConfig) -> dict[str, np.ndarray]:
+    """The decoder's params (unrolled or scanned, without LoRA leaves or merged) as an HF
+    state dict."""
+    return export_with_rules(params, decoder_rules(config), stacks=(config.layer_stack,))
 
 
 def resize_vocab(params: dict, new_vocab_size: int) -> dict:

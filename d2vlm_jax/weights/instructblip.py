@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -44,10 +44,11 @@ import numpy as np
 from d2vlm_jax import sharding
 from d2vlm_jax.models.compressor import CompressorConfig
 from d2vlm_jax.models.layers import dtype_from_name
+from d2vlm_jax.models.stacking import LayerStack
 from d2vlm_jax.models.qformer import QFormerConfig
 from d2vlm_jax.models.video_encoder import VideoEncoderConfig
 from d2vlm_jax.models.vision import VisionConfig
-from d2vlm_jax.weights.common import CheckpointError, Rule, flatten, linear_rules, load_with_rules
+from d2vlm_jax.weights.common import CheckpointError, Rule, get_param, linear_rules, load_with_rules
 
 LAYOUTS = ("hf", "authors")
 
@@ -210,7 +211,8 @@ def load_video_encoder(source: Mapping[str, np.ndarray], config: VideoEncoderCon
       config: the encoder config (decides which vision blocks / cross-attention layers exist).
       layout: ``"hf"`` or ``"authors"``.
       params: the encoder's param tree (``{'vision', 'qformer', 'compressor'}``), real or
-        abstract (``jax.eval_shape`` of init; Flax boxes are removed). For ``"hf"`` the
+        abstract (``jax.eval_shape`` of init; Flax boxes are removed), in the layout of
+        ``config`` (``scan_layers``: stacked blocks / layers). For ``"hf"`` the
         ``compressor`` subtree is not in the checkpoint and is returned unchanged, so it must
         hold real arrays there.
 
@@ -228,7 +230,8 @@ def load_video_encoder(source: Mapping[str, np.ndarray], config: VideoEncoderCon
     target = {k: params[k] for k in parts}
     dtype = dtype_from_name(config.vision.param_dtype)
     loaded, ignored = load_with_rules(source, video_encoder_rules(config, layout), target,
-                                      dtype=np.dtype(dtype), ignore_unused=lambda key: True)
+                                      dtype=np.dtype(dtype), ignore_unused=lambda key: True,
+                                      stacks=config.layer_stacks)
     out = dict(params)
     out.update(loaded)
     for k in set(out) - set(parts):
@@ -238,16 +241,18 @@ def load_video_encoder(source: Mapping[str, np.ndarray], config: VideoEncoderCon
     return out, ignored
 
 
-def export_params(params: Mapping[str, Any], rules: list[Rule]) -> dict[str, np.ndarray]:
-    """The reverse of loading: ``source_key -> array`` in the table's layout.
+def export_params(params: Mapping[str, Any], rules: list[Rule], stacks: Sequence[LayerStack] = ()
+                  ) -> dict[str, np.ndarray]:
+    """The reverse of loading: ``source_key -> array`` in the table's layout (``stacks``:
+    the params' layer stacks, e.g. ``config.layer_stacks``).
 
     Keys split over several :class:`SliceRule` (HF's fused ``qkv.bias``) are reassembled,
     with zeros where no parameter maps (the key bias).
     """
-    flat = flatten(sharding.unbox(params))
+    params = sharding.unbox(params)
     out: dict[str, np.ndarray] = {}
     for rule in rules:
-        value = np.asarray(flat[rule.flax_path])
+        value = np.asarray(get_param(params, rule.flax_path, stacks))
         if isinstance(rule, SliceRule):
             buf = out.setdefault(rule.source_key, np.zeros((rule.full,) + value.shape[1:], value.dtype))
             buf[rule.start:rule.stop] = value
