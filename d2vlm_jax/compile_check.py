@@ -345,7 +345,8 @@ def _is_oom(message: str) -> bool:
 
 
 def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft", num_slices: int = 1,
-          plan: Plan | None = None, devices: Sequence[Any] | None = None, model_flops: bool = True) -> CompileReport:
+          plan: Plan | None = None, devices: Sequence[Any] | None = None, model_flops: bool = True,
+          hlo_path: str | None = None) -> CompileReport:
     """Compiles the train step of ``config`` (or of ``plan`` applied to it) for ``topology``.
 
     Args:
@@ -357,6 +358,8 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
       plan: mesh / remat / micro-batches / batch size to use instead of the config's.
       devices: the topology's devices (reuse across many checks).
       model_flops: also lower (not compile) the remat-free program for model FLOPs / MFU.
+      hlo_path: write the compiled program's optimized HLO text here (what the FLOPs are
+        counted from; ``d2vlm_jax.hlo_cost.program_flops`` reads it back).
 
     Returns:
       A :class:`CompileReport`; a compile failure (out of memory or otherwise) is recorded in
@@ -413,7 +416,11 @@ def check(config: ml_collections.ConfigDict, *, topology: str, stage: str = "sft
     # Every loop (micro-batches, scanned layer stacks, frame chunks) counted as often as it
     # runs, from the compiled HLO; XLA's own figure counts each loop body once.
     report.xla_flops_per_device = float(_cost(compiled).get("flops", 0.0))
-    report.flops_per_device, loops = hlo_cost.program_flops(compiled.as_text())
+    hlo_text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo_text)
+    report.flops_per_device, loops = hlo_cost.program_flops(hlo_text)
     report.loop_trip_counts = [n for _, n in loops]
     if model_flops:
         report.model_flops = _model_flops(config, stage, plan, batch_abs)

@@ -183,12 +183,7 @@ class FlopCounter:
     def instruction(self, comp: Computation, inst: Instruction) -> float:
         op = inst.opcode
         if op == "convolution":
-            rhs = dims_of(self._shape_of(comp, inst.operands[1]))
-            labels = re.search(r"dim_labels=\w*_(\w+)->", inst.attrs)
-            if rhs is None or labels is None or "o" not in labels.group(1):
-                raise HloParseError(f"{comp.name}: cannot size convolution %{inst.name}")
-            out_features = rhs[labels.group(1).index("o")]
-            return 2.0 * _elements(inst.shape) * math.prod(rhs) / out_features
+            return self._convolution(comp, inst)
         if op == "dot":
             lhs = dims_of(self._shape_of(comp, inst.operands[0]))
             m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
@@ -218,6 +213,28 @@ class FlopCounter:
         if op in REDUCTIONS and inst.operands:
             return float(_elements(self._shape_of(comp, inst.operands[0])))
         return 0.0
+
+    def _convolution(self, comp: Computation, inst: Instruction) -> float:
+        """``2 x`` the multiply-adds that touch real input elements (TPU writes batched
+        matmuls as convolutions whose window runs over dilated, mostly empty, inputs)."""
+        lhs = dims_of(self._shape_of(comp, inst.operands[0]))
+        rhs = dims_of(self._shape_of(comp, inst.operands[1]))
+        out = dims_of(inst.shape)
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+        if lhs is None or rhs is None or out is None or labels is None:
+            raise HloParseError(f"{comp.name}: cannot size convolution %{inst.name}")
+        lhs_l, rhs_l, out_l = labels.groups()
+        window = _window(inst.attrs)
+        macs = float(rhs[rhs_l.index("i")])                      # input features per group
+        for label, size in zip(out_l, out):
+            if not label.isdigit():                              # batch and output features
+                macs *= size
+        for d in range(sum(c.isdigit() for c in out_l)):
+            w = window[d] if d < len(window) else {}
+            macs *= _valid_taps(lhs[lhs_l.index(str(d))], rhs[rhs_l.index(str(d))], out[out_l.index(str(d))],
+                                w.get("stride", 1), w.get("pad", (0, 0))[0], w.get("lhs_dilate", 1),
+                                w.get("rhs_dilate", 1))
+        return 2.0 * macs
 
     def trip_count(self, cond_name: str) -> int:
         """``N`` of a loop condition ``counter < N`` (the counter starts at 0): a ``compare``
@@ -272,6 +289,43 @@ class FlopCounter:
             yield n
             for inst in self.comps[n].instructions.values():
                 todo += _CALLS.findall(inst.attrs)
+
+
+def _window(attrs: str) -> list[dict]:
+    """``window={size=16x4 stride=15x3 pad=0_0x1_2 lhs_dilate=16x4}`` -> one dict per spatial dim."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    if not m:
+        return []
+    dims: list[dict] = []
+    for field in m.group(1).split():
+        key, value = field.split("=", 1)
+        for d, part in enumerate(value.split("x")):
+            while len(dims) <= d:
+                dims.append({})
+            dims[d][key] = tuple(int(v) for v in part.split("_")) if key == "pad" else int(part)
+    return dims
+
+
+def _valid_taps(size: int, kernel: int, out: int, stride: int, pad_low: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """Number of (output position, kernel position) pairs of one spatial dimension that read a
+    real input element (not padding, not a hole of the input dilation)."""
+    last = (size - 1) * lhs_dilate                              # last real position (dilated input)
+    total = 0
+    for k in range(kernel):
+        c = k * rhs_dilate - pad_low                            # position = stride * o + c
+        lo = (-c + stride - 1) // stride if c < 0 else 0          # first o with position >= 0
+        hi = min(out - 1, (last - c) // stride) if last >= c else -1
+        if hi < lo:
+            continue
+        if lhs_dilate == 1:
+            total += hi - lo + 1
+            continue
+        step = lhs_dilate // math.gcd(stride, lhs_dilate)
+        first = next((o for o in range(lo, lo + step) if (stride * o + c) % lhs_dilate == 0), None)
+        if first is not None and first <= hi:
+            total += (hi - first) // step + 1
+    return total
 
 
 def program_flops(hlo_text: str) -> tuple[float, list[tuple[str, int]]]:

@@ -46,6 +46,7 @@ _UTILIZATION = flags.DEFINE_float("utilization", 0.4, "Assumed hardware FLOP uti
 _MODEL_FLOPS = flags.DEFINE_boolean("model_flops", True, "Also lower the remat-free step for model FLOPs / MFU "
                                     "(with --sweep: for every plan that fits).")
 _JSON = flags.DEFINE_string("json_out", None, "Write the report(s) as JSON here.")
+_HLO = flags.DEFINE_string("hlo_out", None, "Write the compiled HLO text here (a single check only).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -78,7 +79,7 @@ def main(argv):
         devices = cc.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
         if not _SWEEP.value:
             report = cc.check(config, topology=_TOPOLOGY.value, stage=stage, num_slices=_NUM_SLICES.value,
-                              devices=devices, model_flops=_MODEL_FLOPS.value)
+                              devices=devices, model_flops=_MODEL_FLOPS.value, hlo_path=_HLO.value)
             print(report.format(util), flush=True)
             reports = [report]
         else:

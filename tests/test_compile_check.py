@@ -202,3 +202,17 @@ def test_hlo_flop_counter_multiplies_loop_bodies_by_their_trip_counts():
     assert counts["scan"][0] >= matmuls
     with pytest.raises(hlo_cost.HloParseError, match="no ENTRY"):
         hlo_cost.program_flops("HloModule empty\n")
+
+
+def test_convolution_taps_skip_padding_and_dilation_holes():
+    """``_valid_taps`` against brute force, on the windows TPU programs use for batched dots."""
+    from d2vlm_jax.hlo_cost import _valid_taps
+
+    def brute(size, kernel, out, stride, pad, lhs_dilate, rhs_dilate):
+        last = (size - 1) * lhs_dilate
+        return sum(1 for o in range(out) for k in range(kernel)
+                   if 0 <= (p := o * stride + k * rhs_dilate - pad) <= last and p % lhs_dilate == 0)
+
+    for case in [(16, 16, 16, 15, 0, 16, 1), (4, 4, 4, 3, 0, 4, 1), (96, 96, 96, 1, 95, 1, 1),
+                 (14, 3, 12, 1, 0, 1, 1), (10, 3, 5, 2, 1, 1, 2), (7, 4, 9, 2, 3, 2, 1), (1, 1, 1, 1, 0, 1, 1)]:
+        assert _valid_taps(*case) == brute(*case), case
