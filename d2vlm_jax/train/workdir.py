@@ -18,10 +18,6 @@ far depended on it:
 
 * bookkeeping that never touches the parameters (:data:`ALWAYS_SAFE`): logging, checkpoint
   and in-training evaluation cadence, the final evaluation's settings;
-* the layer layout (:data:`LAYOUT_ONLY`, ``model.scan_layers`` and its per-part switches):
-  scanned and unrolled models compute the same function, and a restore converts the
-  checkpoint's parameters, optimizer state and frozen params to the new layout
-  (``models/stacking.py``);
 * any key of a stage that has not started (``<stage>.*``, the FPO-only loss keys), and
   ``stages`` as long as the stages that have started keep their places;
 * anything at all while no stage has started;
@@ -60,10 +56,6 @@ STAGES = ("sft", "fpo")
 #: keys that never change what is trained (exact keys or ``section.`` prefixes)
 ALWAYS_SAFE = ("log_every", "eval_every", "eval_batches_during_train", "eval_batch_size", "eval_max_new_tokens",
                "final_eval", "log_example_ids", "checkpoint.", "data.eval_annotations")
-#: keys that change only how the layers are laid out (stacked under ``scan`` or unrolled);
-#: checkpoints of either layout restore into the other
-LAYOUT_ONLY = ("model.scan_layers", "model.llm.scan_layers", "model.video.vision.scan_layers",
-               "model.video.qformer.scan_layers")
 #: global keys that only the FPO stage reads
 FPO_ONLY = ("loss.fpo_beta", "loss.fpo_weight", "loss.fpo_reference")
 
@@ -199,8 +191,6 @@ def plan_restart(workdir: str, requested: ml_collections.ConfigDict) -> RestartP
         owner = _owner(key)
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in ALWAYS_SAFE):
             safe, reason = True, "bookkeeping only"
-        elif key in LAYOUT_ONLY:
-            safe, reason = True, "layer layout only (checkpoints are restacked on restore)"
         elif not any_started:
             safe, reason = True, "no stage has started"
         elif key == "stages":
@@ -271,5 +261,5 @@ def clear(workdir: str) -> list[str]:
     return removed
 
 
-__all__ = ["CONFIG_FILE", "HISTORY_FILE", "ALWAYS_SAFE", "LAYOUT_ONLY", "WorkdirConflict", "StageStatus", "Change", "RestartPlan",
+__all__ = ["CONFIG_FILE", "HISTORY_FILE", "ALWAYS_SAFE", "WorkdirConflict", "StageStatus", "Change", "RestartPlan",
            "plan_restart", "record_start", "clear", "stage_status", "config_as_json", "flatten"]
