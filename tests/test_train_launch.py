@@ -157,30 +157,16 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, data_dir, reference_run):
 
 
 @pytest.mark.slow
-def test_unrolled_checkpoint_resumes_with_scanned_layers(tmp_path, data_dir, reference_run):
-    """A run killed with its layers unrolled resumes with ``model.scan_layers=True``: the train
-    state (params, Adam moments) and the frozen params are stacked on restore, and training
-    continues as the uninterrupted unrolled run does."""
+def test_unrolled_run_refuses_to_resume_with_scanned_layers(tmp_path, data_dir):
+    """Resuming a started train state in the other layer layout is not supported yet (the
+    trainable/frozen split of a scanned Q-Former has other paths than the unrolled one):
+    the restart is refused with a one-line error naming the key, never a crash in Orbax.
+    Exported params do load across layouts (tests/test_scan_layers.py)."""
     kill_after_step_6(tmp_path / "killed", data_dir)
     resumed = launch(tmp_path / "killed", data_dir, *RESUME_FLAGS, "--config.model.scan_layers=True")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from step 6" in resumed.stdout
-    ref_loss, res_loss = losses_by_step(reference_run), losses_by_step(tmp_path / "killed")
-    for step in (7, 8):
-        assert abs(res_loss[step] - ref_loss[step]) <= 1e-5 * abs(ref_loss[step]), step
-    from d2vlm_jax.models import stacking
-    from d2vlm_jax.weights.d2vlm_checkpoint import load_model_config
-    export = tmp_path / "killed" / "sft" / "export"
-    scanned_cfg = load_model_config(export)
-    assert scanned_cfg.llm.scan_layers and scanned_cfg.video.qformer.scan_layers
-    got = load_export(tmp_path / "killed", "sft")
-    assert "layers" in got["llm"] and "blocks" in got["video"]["vision"]
-    got = stacking.to_layout(got, scanned_cfg.with_scan_layers(False).layer_stacks)
-    want = load_export(reference_run, "sft")
-    import jax
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert resumed.returncode == 2, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    out = resumed.stdout + resumed.stderr
+    assert "model.scan_layers: false -> true" in out and "Traceback" not in out
 
 
 def test_bad_configs_fail_with_named_fields(tmp_path, data_dir):
