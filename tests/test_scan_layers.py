@@ -250,3 +250,12 @@ def test_trainable_table_covers_the_scanned_paths():
     assert "cross_attn" in t_scanned["video"]["qformer"]["layers"]["sub_0"]
     assert "ffn_query" in f_scanned["video"]["qformer"]["layers"]["sub_1"]
     assert "blocks" in f_scanned["video"]["vision"] and "vision" not in t_scanned["video"]
+
+
+def test_unrolled_stack_needs_no_whole_blocks():
+    """A 1-layer Q-Former with cross-attention every 2 layers is a valid unrolled model (the
+    smoke config); only the scanned layout needs whole blocks."""
+    from d2vlm_jax.models import stacking
+    assert stacking.LayerStack((), "layers_", "layers", 1, 2, False).unrolled_keys() == ["layers_0"]
+    with pytest.raises(ValueError, match="1 layers cannot be scanned in blocks of 2"):
+        stacking.LayerStack((), "layers_", "layers", 1, 2, True)

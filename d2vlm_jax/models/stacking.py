@@ -51,7 +51,9 @@ class LayerStack:
     scanned: bool = False
 
     def __post_init__(self):
-        if self.count < 1 or self.block < 1 or self.count % self.block:
+        # an unrolled stack needs no whole blocks (a 1-layer Q-Former with cross-attention
+        # every 2 layers is valid); converting it to the scanned layout builds a scanned one
+        if self.count < 1 or self.block < 1 or (self.scanned and self.count % self.block):
             raise ValueError(f"layer stack {'/'.join(self.path) or '<root>'}: {self.count} layers cannot be "
                              f"scanned in blocks of {self.block}")
 
