@@ -135,3 +135,16 @@ def random_batch(config: D2VLMConfig, seed: int = 0, *, batch: int = 2, frames: 
         out["event_frame_positions"] = chosen["event_intervals"].astype(np.float32) + offset
         out["rejected_event_frame_positions"] = rej["event_intervals"].astype(np.float32) - offset
     return out
+
+
+def perturbed_params(config: D2VLMConfig, batch: dict[str, np.ndarray], *, scale: float = 0.05) -> dict:
+    """Parameters initialised with key 0, then every leaf moved by ``scale`` times a normal draw
+    (key 1), so LoRA B, biases and the like are nonzero and gradients are generic."""
+    import jax
+
+    from d2vlm_jax import sharding
+    from d2vlm_jax.models.d2vlm import init_variables
+    params = sharding.unbox(init_variables(config, jax.random.key(0), batch))["params"]
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2vlm_jax import losses, objective, partition, sharding, testing
-from d2vlm_jax.models.d2vlm import D2VLM, chunked_token_logp, init_variables
+from d2vlm_jax import losses, objective, partition, testing
+from d2vlm_jax.models.d2vlm import D2VLM, chunked_token_logp
 
 TOL = 1e-5
 
@@ -69,10 +69,7 @@ def test_model_loss_and_gradients_with_chunked_logits_equal_full():
     stage = "fpo"
     config = testing.tiny_d2vlm_config(layers=2)
     batch = testing.random_batch(config, seed=1, rejected=2)
-    params = sharding.unbox(init_variables(config, jax.random.key(0), batch))["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = testing.perturbed_params(config, batch)
     trainable, frozen = partition.split(params, partition.D2VLM_TRAINABLE)
     results = {}
     for chunk in (0, 9):                              # 9 divides neither R = 14 nor C1 * R = 42

@@ -26,11 +26,7 @@ def setup(family="phi3", scan=False):
         return config, batch, stacking.to_layout(params, config.layer_stacks)
     config = testing.tiny_d2vlm_config(family=family)
     batch = testing.random_batch(config, seed=0, rejected=2)
-    params = sharding.unbox(init_variables(config, jax.random.key(0), batch))["params"]
-    # perturb every parameter so LoRA B, biases etc. are nonzero and gradients are generic
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = testing.perturbed_params(config, batch)
     return config, batch, params
 
 

@@ -8,10 +8,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from d2vlm_jax import config as cfg_lib
@@ -19,7 +17,7 @@ from d2vlm_jax import losses, objective, partition, sharding, testing
 from d2vlm_jax.models import attention as attn_lib
 from d2vlm_jax.models import lora as lora_lib
 from d2vlm_jax.models import stacking
-from d2vlm_jax.models.d2vlm import D2VLM, abstract_variables, init_variables
+from d2vlm_jax.models.d2vlm import D2VLM, abstract_variables
 from d2vlm_jax.models.decoder import Decoder, DecoderConfig, init_decoder
 from d2vlm_jax.models.qformer import QFormerConfig
 from d2vlm_jax.train import checkpoint as ckpt_lib
@@ -40,10 +38,7 @@ def tiny(scan: bool, **llm):
 def unrolled_setup():
     config = tiny(False)
     batch = testing.random_batch(config, seed=0, rejected=2)
-    params = sharding.unbox(init_variables(config, jax.random.key(0), batch))["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = testing.perturbed_params(config, batch)
     return config, batch, params
 
 
